@@ -1,0 +1,178 @@
+"""Memory-efficient adapted matmuls: the custom autograd Function behind every adapted layer.
+
+An adapted layer computes ``op(x, W0 + dW)`` (the *fused* path) or ``op(x, dW)`` (the adapter branch
+of the *parallel* path), where ``dW = sparsify(kernel(A, B, ...))`` and ``op`` is a linear map or a
+2-D convolution. Plain autograd would keep ``dW``, the distance matrices, the softmax and the mask
+alive from forward to backward: several full ``(out, in)`` matrices per layer. This Function keeps
+only what LoRA keeps (the input ``x`` and the factors) and recomputes ``dW`` in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional as Fn
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    """How the factors of one layer become its update: kernel, competition and per-matrix sparsity.
+
+    A layer holds ``S`` matrices (``S = 3`` for a fused qkv projection split into q, k, v; else 1);
+    ``sparsity`` has one value per matrix.
+    """
+
+    kernel: str
+    mode: str
+    sparsity: tuple[float, ...]
+
+    def delta(self, A: Tensor, B: Tensor, coefficients: Optional[Tensor], alpha: Optional[Tensor],
+              gamma: Optional[Tensor], beta: Optional[Tensor],
+              thresholds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The sparse update of every matrix, in float32 whatever the factors' dtype.
+
+        Args:
+            A: ``(S, P, in, r/P)``; B: ``(S, P, out_s, r/P)``; scalars ``(S,)`` or None.
+            thresholds: ``(S,)`` thresholds from an earlier call on the same factors; given in
+                backward, so the selection (the costly part of the competition) runs once a step.
+
+        Returns:
+            ``(delta, thresholds)``: ``(S, out_s, in)`` float32 and ``(S,)`` (NaN for dense matrices).
+        """
+        up = lambda t: None if t is None else t.float()  # noqa: E731 - the kernel runs in fp32
+        K = Fn.kernel_delta(self.kernel, up(A), up(B), up(coefficients), up(alpha), up(gamma), up(beta))
+        if thresholds is None:
+            thresholds = torch.full((K.shape[0],), float("nan"), device=K.device)
+            for s, level in enumerate(self.sparsity):
+                if level > 0:
+                    thresholds[s] = Fn.selection_threshold(K[s].detach().abs(), level, self.mode)
+        if all(level == 0 for level in self.sparsity):
+            return K, thresholds
+        parts = [K[s] if level == 0 else Fn.apply_competition(K[s], thresholds[s], self.mode)
+                 for s, level in enumerate(self.sparsity)]
+        return torch.stack(parts), thresholds  # (S, out_s, in)
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """``y = x W^T + b`` and its two gradients."""
+
+    def weight_shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (out_features, in_features)
+
+    def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.linear(x, w, b)
+
+    def backward(self, gy: Tensor, x: Tensor, w: Tensor, need_x: bool) -> tuple[Optional[Tensor], Tensor]:
+        gx = gy @ w if need_x else None  # (..., in)
+        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        return gx, gw
+
+    def bias_grad(self, gy: Tensor) -> Tensor:
+        return gy.reshape(-1, gy.shape[-1]).sum(0)
+
+
+@dataclass(frozen=True)
+class Conv2dOp:
+    """``y = conv2d(x, W, b)`` with integer padding (the layer pre-pads other padding modes)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    kernel_size: tuple[int, int]
+
+    def weight_shape(self, out_channels: int, fan_in: int) -> tuple[int, ...]:
+        return (out_channels, fan_in // (self.kernel_size[0] * self.kernel_size[1]), *self.kernel_size)
+
+    def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, gy: Tensor, x: Tensor, w: Tensor, need_x: bool) -> tuple[Optional[Tensor], Tensor]:
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            gy, x, w, None, self.stride, self.padding, self.dilation, False, (0, 0), self.groups,
+            (need_x, True, False))
+        return gx, gw
+
+    def bias_grad(self, gy: Tensor) -> Tensor:
+        return gy.sum((0, 2, 3))
+
+
+def _autocast_dtype(x: Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype the matmul should run in: autocast's when it is on for x's device, else ``default``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return default
+
+
+class _AdaptedWeightFn(torch.autograd.Function):
+    """``y = op(x, W0 + dW(factors)) + b`` (fused path) or ``op(x, dW(factors))`` (``W0 = None``).
+
+    Saves: ``x``, the factors, ``W0`` (a parameter, no copy) and one threshold per matrix.
+    Recomputes in backward: ``dW`` (the kernel, O(in*out*r), r/T of one matmul of the layer) and its
+    mask against the saved threshold, so the selection runs once per step, not twice.
+    Trades: the kernel runs twice per step, in exchange for no ``(out, in)`` tensor living between
+    forward and backward: the memory of LoRA at the same rank, with a high-rank update.
+    Gradients: ``x`` and the base weight/bias as the base op's own backward would give them; the
+    factors' by autograd through the recomputed kernel with the full-size ``dL/d(dW)`` as seed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype):
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            delta, thresholds = spec.delta(A, B, coefficients, alpha, gamma, beta)  # (S, out_s, in)
+            w = delta.reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
+            del delta
+            if weight is not None:
+                w.add_(weight.to(dtype))
+            y = op.forward(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds)
+        ctx.op, ctx.spec, ctx.dtype = op, spec, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = ctx.saved_tensors
+        op, spec, dtype = ctx.op, ctx.spec, ctx.dtype
+        need = ctx.needs_input_grad  # x, weight, bias, coefficients, A, B, alpha, gamma, beta, ...
+        factors = (A, B, alpha, gamma, beta)
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            leaves = [None if f is None else f.detach().requires_grad_(need[4 + i])
+                      for i, f in enumerate(factors)]
+            delta, _ = spec.delta(*leaves[:2], coefficients, *leaves[2:], thresholds=thresholds)
+        w = delta.detach().reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
+        if weight is not None:
+            w.add_(weight.to(dtype))
+        gy = gy.to(dtype)
+        gx, gw = op.backward(gy, x.to(dtype), w, need[0])
+        del w
+        wanted = [leaf for i, leaf in enumerate(leaves) if leaf is not None and need[4 + i]]
+        grads = iter(torch.autograd.grad(delta, wanted, gw.reshape(delta.shape).to(delta.dtype))
+                     if wanted else ())
+        factor_grads = [next(grads).to(f.dtype) if (f is not None and need[4 + i]) else None
+                        for i, f in enumerate(factors)]
+        g_weight = gw.reshape(weight.shape).to(weight.dtype) if weight is not None and need[1] else None
+        g_bias = op.bias_grad(gy).to(bias.dtype) if bias is not None and need[2] else None
+        g_x = gx.to(x.dtype) if gx is not None else None
+        return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None)
+
+
+def adapted_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], op, spec: DeltaSpec,
+               factors: Sequence[Optional[Tensor]], coefficients: Optional[Tensor]) -> Tensor:
+    """Run ``op(x, W0 + dW)`` (or ``op(x, dW)`` when ``weight`` is None) without storing ``dW``.
+
+    Args:
+        x: the layer input. weight, bias: the frozen base weight/bias (either may be None).
+        op: a ``LinearOp`` or ``Conv2dOp``. spec: the layer's ``DeltaSpec``.
+        factors: ``(A, B, alpha, gamma, beta)``; the scalars are None for kernels without them.
+        coefficients: ``(P,)`` chunk coefficients (None for chunk-free kernels).
+    """
+    dtype = _autocast_dtype(x, x.dtype)
+    A, B, alpha, gamma, beta = factors
+    return _AdaptedWeightFn.apply(x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype)
