@@ -159,7 +159,7 @@ def quantile_rank(numel: int, sparsity: float) -> tuple[int, float]:
 def kth_smallest(values: Tensor, k: int, sample: int = 16384) -> Tensor:
     """Exact k-th smallest (1-indexed) of a flat tensor, with no limit on its size.
 
-    ``torch.quantile`` refuses more than 2^24 elements and sorts; ``kthvalue`` alone works but scans
+    ``torch.quantile`` sorts (and refused more than 2^24 elements in older torch); ``kthvalue`` alone works but scans
     with a full copy. For large tensors a strided sample brackets the answer, one counting pass and
     one selection pass narrow it to a small band, and ``kthvalue`` runs on the band only. If the
     bracket misses (rare), it falls back to ``kthvalue`` on everything, so the result is always exact.

@@ -34,7 +34,7 @@ class DeltaSpec:
     def delta(self, A: Tensor, B: Tensor, coefficients: Optional[Tensor], alpha: Optional[Tensor],
               gamma: Optional[Tensor], beta: Optional[Tensor],
               thresholds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """The sparse update of every matrix, in float32 whatever the factors' dtype.
+        """The sparse update of every matrix, in float32 (float64 for float64 factors).
 
         Args:
             A: ``(S, P, in, r/P)``; B: ``(S, P, out_s, r/P)``; scalars ``(S,)`` or None.
@@ -44,7 +44,8 @@ class DeltaSpec:
         Returns:
             ``(delta, thresholds)``: ``(S, out_s, in)`` float32 and ``(S,)`` (NaN for dense matrices).
         """
-        up = lambda t: None if t is None else t.float()  # noqa: E731 - the kernel runs in fp32
+        # The kernel runs in at least fp32: the distance identity cancels catastrophically in bf16/fp16.
+        up = lambda t: t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
         K = Fn.kernel_delta(self.kernel, up(A), up(B), up(coefficients), up(alpha), up(gamma), up(beta))
         if thresholds is None:
             thresholds = torch.full((K.shape[0],), float("nan"), device=K.device)

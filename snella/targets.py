@@ -14,9 +14,10 @@ FAMILY_TARGETS: dict[str, str] = {
     # timm ViT / DeiT / EVA / BEiT, Swin (layers.N.blocks.M...), ConvNeXt (its MLP linears only, as the
     # authors): every linear map of each transformer block.
     "timm-transformer": r"(?:.*\.)?blocks\.\d+\.(?:attn\.(?:qkv|q_proj|k_proj|v_proj|proj)|mlp\.(?:fc1|fc1_g|fc1_x|fc2))",
-    # Hugging Face transformers ViT / DeiT / BEiT-style encoders.
-    "hf-vit": r"(?:.*\.)?encoder\.layer\.\d+\.(?:attention\.attention\.(?:query|key|value)|attention\.output\.dense"
-              r"|intermediate\.dense|output\.dense)",
+    # Hugging Face transformers ViT / DeiT / BEiT-style encoders: transformers < 5 names
+    # (encoder.layer.N.attention.attention.query ...) and transformers 5 names (layers.N.attention.q_proj ...).
+    "hf-vit": r"(?:.*\.)?(?:encoder\.layer|layers)\.\d+\.(?:attention\.(?:attention\.(?:query|key|value)"
+              r"|output\.dense|q_proj|k_proj|v_proj|o_proj)|intermediate\.dense|output\.dense|mlp\.(?:fc1|fc2))",
     # timm EfficientNet / MobileNet-style conv nets: the convs of every inverted-residual block.
     "timm-convnet": r"(?:.*\.)?blocks\.\d+\.\d+\.(?:conv_pw|conv_dw|conv_pwl|conv_exp)",
 }

@@ -185,12 +185,14 @@ def test_shape_mismatch_names_keys_and_shapes(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     torch.save(src.state_dict(), tmp_path / "w.pth")
 
-    with pytest.raises(ValueError, match=r"w\.pth.*\n.*blocks\.0\.mlp\.fc1\.weight: file \(96, 48\) vs model \(192, 48\)"):
+    expected = r"w\.pth.*\n.*blocks\.0\.mlp\.fc1\.weight: file \(96, 48\) vs model \(192, 48\)"
+    with pytest.raises(ValueError, match=expected):
         load_weights(dst, tmp_path / "w.pth")
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())  # refused: nothing loaded
 
     report = load_weights(dst, tmp_path / "w.pth", strict_backbone=False)
-    assert len(report.mismatched) == 8  # fc1/fc2 weight+bias in two blocks
+    assert len(report.mismatched) == 6  # fc1 weight+bias and fc2 weight in two blocks (fc2.bias fits)
+    assert torch.equal(dst.blocks[0].mlp.fc2.bias, src.blocks[0].mlp.fc2.bias)
     assert torch.equal(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
     assert torch.equal(dst.blocks[1].mlp.fc1.weight, before["blocks.1.mlp.fc1.weight"])
 
@@ -353,6 +355,8 @@ def test_snella_default_needs_its_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     dst = create_backbone("snella-default", num_classes=4)
     assert_equal_except(src, dst, skip=("head.",))
     assert dst.head.weight.shape == (4, 128)
+    same = create_backbone("vit_fmnist_d128", num_classes=4, pretrained=True)  # pretrained means these weights
+    assert_equal_except(src, same, skip=("head.",))
 
 
 # --- hf: folders ---------------------------------------------------------------------------------------

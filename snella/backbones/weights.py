@@ -187,7 +187,8 @@ def _read_torch(path: Path) -> object:
             f"refused to load {path}: unpickling it would execute code or build objects other than tensors "
             f"({reason}). If you trust the file, convert it once to safetensors, e.g. "
             "`python -c \"import torch, safetensors.torch as st; "
-            f"sd = torch.load('{path}', weights_only=False); st.save_file(sd.get('model', sd), 'weights.safetensors')\"`, "
+            f"sd = torch.load('{path}', weights_only=False); "
+            "st.save_file(sd.get('model', sd), 'weights.safetensors')\"`, "
             "and pass the .safetensors file."
         ) from err
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError) as err:  # what a corrupt file raises
@@ -276,7 +277,7 @@ def _check(report: LoadReport, source: str, model_name: str, strict: bool, loade
     lines = [f"{len(keys)} keys {what}: " + "; ".join(keys[:SHOWN]) + (" ..." if len(keys) > SHOWN else "")
              for what, keys in problems if keys]
     lead = f"{source} does not fit {model_name}" + ("" if loaded_any else " (no key of the file matches the model)")
-    hint = "" if not loaded_any else ". Pass strict_backbone=False to load the keys that fit and keep the rest."
+    hint = "" if not loaded_any else "\n  Pass strict_backbone=False to load the keys that fit and keep the rest."
     raise ValueError(lead + ":\n  " + "\n  ".join(lines) + hint)
 
 
@@ -296,7 +297,9 @@ def _load_npz(model: nn.Module, path: Path, strict: bool) -> LoadReport:
     depth = len(getattr(model, "blocks", []))
     file_blocks = {int(m.group(1)) for k in file_keys if (m := re.search(r"encoderblock_(\d+)/", k))}
     extra = sorted(b for b in file_blocks if b >= depth) if depth else []
-    report.unexpected = [f"Transformer/encoderblock_{b}/* (file has {len(file_blocks)} blocks, model {depth})" for b in extra]
+    report.unexpected = [
+        f"Transformer/encoderblock_{b}/* (file has {len(file_blocks)} blocks, model {depth})" for b in extra
+    ]
 
     # Fill every float tensor with NaN first: whatever is still NaN afterwards was not written by the
     # loader (comparing values would miss keys whose loaded value equals the initial one).

@@ -6,6 +6,7 @@ import io
 import logging
 from typing import BinaryIO, Sequence
 
+import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ def open_image(file: str | BinaryIO, mode: str = "RGB", name: str | None = None)
         with Image.open(file) as image:
             # Decode here so that a corrupt file fails with its name, not later inside a transform.
             image.load()
+            if image.mode.startswith("I;16"):
+                # PIL's convert clips 16-bit grey at 255; scale 0..65535 to 0..255 instead.
+                pixels = np.asarray(image, dtype=np.float64) / 257.0
+                return Image.fromarray(np.round(pixels).astype(np.uint8)).convert(mode)
             return image.convert(mode)
     except _DECODE_ERRORS as error:
         raise BadImageError(f"cannot read image {name or file}: {error}") from error

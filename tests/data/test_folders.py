@@ -126,3 +126,11 @@ def test_skip_bad_images_drops_and_counts_them(image_tree, make_corrupt, caplog)
     assert len(data) == 5 and data.targets == [0, 0, 0, 1, 1]
     assert "skipped 2 unreadable image(s) of 7" in caplog.text
     assert all(data[i][0].shape == (3, 4, 6) for i in range(len(data)))
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep" / "c" / "a.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16)).save(path)
+    image, _ = load_dataset(str(tmp_path / "deep"), "trainval")[0]
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (100,) * 3, (255,) * 3]
