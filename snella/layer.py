@@ -63,6 +63,27 @@ class SnellaLayer(nn.Module):
     def _prepare_input(self, x: Tensor) -> Tensor:
         return x
 
+    # ------------------------------------------------------------------ weight seen by code that reads it
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight: ``W0 + dW`` of the active adapter, ``W0`` when disabled or merged.
+
+        Some models read ``.weight`` instead of calling the layer (timm's EVA and BEiT pass
+        ``attn.qkv.weight`` to ``F.linear`` with their own q/v biases); they must see the adapted weight,
+        not fail nor silently skip the adapter. Gradients reach the factors by plain autograd here, so
+        ``dW`` is kept for backward (forward through the layer itself does not keep it).
+        """
+        name = self.active_adapter
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # as forward does: disabled means the base weights
+        if self.disable_adapters or self.merged or name is None or name not in self.adapter_config:
+            return self.base_layer.weight
+        return self.base_layer.weight + self.get_delta_weight(name)
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, config: SnellaConfig, split: bool, layer_name: str = "") -> None:
         """Create adapter ``adapter_name``: factors initialised as SPEC.md section 2, sparsity from config."""

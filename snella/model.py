@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,6 +262,7 @@ class SnellaModel(nn.Module):
         state = {k: v.cpu().contiguous() for k, v in self.adapter_state_dict(name).items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "library": "snella"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; give the usual permissions
         tmp.replace(directory / WEIGHTS_NAME)  # atomic: a crash leaves the old file or the new one
         self.peft_config[name].save(directory)
         return directory
@@ -323,6 +324,12 @@ class SnellaModel(nn.Module):
             for p in wrapped.parameters():
                 p.requires_grad_(False)
         return wrapped
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def get_snella_model(model: nn.Module, config: SnellaConfig, adapter_name: str = "default") -> SnellaModel:
