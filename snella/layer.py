@@ -119,7 +119,8 @@ class SnellaLayer(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
         for store in (self.snella_A, self.snella_B, self.snella_alpha, self.snella_gamma, self.snella_beta,
                       self.snella_dropout, self.snella_drop_path):
-            store.pop(adapter_name, None)
+            if adapter_name in store:  # ParameterDict/ModuleDict.pop take no default
+                del store[adapter_name]
         for store in (self.adapter_config, self.segments, self.sparsity):
             store.pop(adapter_name, None)
         if self.active_adapter == adapter_name:

@@ -118,8 +118,8 @@ class SnellaModel(nn.Module):
         for module in self.snella_layers().values():
             module.delete_adapter(adapter_name)
         for module in self.base_model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.modules_to_save.pop(adapter_name, None)
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]  # ModuleDict.pop takes no default
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as Fn
+from .kernel_vjp import FAST_KERNELS, kernel_backward, kernel_forward
+
+
+def _up(t: Optional[Tensor]) -> Optional[Tensor]:
+    """At least fp32: the distance identity cancels catastrophically in bf16/fp16."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,9 @@ class DeltaSpec:
         Returns:
             ``(delta, thresholds)``: ``(S, out_s, in)`` float32 and ``(S,)`` (NaN for dense matrices).
         """
-        # The kernel runs in at least fp32: the distance identity cancels catastrophically in bf16/fp16.
-        up = lambda t: t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
-        K = Fn.kernel_delta(self.kernel, up(A), up(B), up(coefficients), up(alpha), up(gamma), up(beta))
+        K = Fn.kernel_delta(self.kernel, _up(A), _up(B), _up(coefficients), _up(alpha), _up(gamma), _up(beta))
         if thresholds is None:
-            thresholds = torch.full((K.shape[0],), float("nan"), device=K.device)
+            thresholds = torch.full((K.shape[0],), float("nan"), device=K.device, dtype=K.dtype)
             for s, level in enumerate(self.sparsity):
                 if level > 0:
                     thresholds[s] = Fn.selection_threshold(K[s].detach().abs(), level, self.mode)
@@ -127,7 +131,11 @@ class _AdaptedWeightFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            delta, thresholds = spec.delta(A, B, coefficients, alpha, gamma, beta)  # (S, out_s, in)
+            if spec.kernel in FAST_KERNELS:
+                delta, thresholds, _ = kernel_forward(_up(A), _up(B), coefficients, _up(alpha), _up(gamma),
+                                                      _up(beta), spec.kernel, spec.mode, spec.sparsity)
+            else:
+                delta, thresholds = spec.delta(A, B, coefficients, alpha, gamma, beta)  # (S, out_s, in)
             w = delta.reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
             del delta
             if weight is not None:
@@ -143,22 +151,35 @@ class _AdaptedWeightFn(torch.autograd.Function):
         op, spec, dtype = ctx.op, ctx.spec, ctx.dtype
         need = ctx.needs_input_grad  # x, weight, bias, coefficients, A, B, alpha, gamma, beta, ...
         factors = (A, B, alpha, gamma, beta)
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            leaves = [None if f is None else f.detach().requires_grad_(need[4 + i])
-                      for i, f in enumerate(factors)]
-            delta, _ = spec.delta(*leaves[:2], coefficients, *leaves[2:], thresholds=thresholds)
-        w = delta.detach().reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
-        if weight is not None:
-            w.add_(weight.to(dtype))
-        gy = gy.to(dtype)
-        gx, gw = op.backward(gy, x.to(dtype), w, need[0])
-        del w
-        wanted = [leaf for i, leaf in enumerate(leaves) if leaf is not None and need[4 + i]]
-        grads = iter(torch.autograd.grad(delta, wanted, gw.reshape(delta.shape).to(delta.dtype))
-                     if wanted else ())
-        factor_grads = [next(grads).to(f.dtype) if (f is not None and need[4 + i]) else None
-                        for i, f in enumerate(factors)]
-        g_weight = gw.reshape(weight.shape).to(weight.dtype) if weight is not None and need[1] else None
+        fast = spec.kernel in FAST_KERNELS
+        with torch.autocast(x.device.type, enabled=False):
+            if fast:  # hand-derived backward (kernel_vjp.py): no autograd graph over (out, in) tensors
+                up = [_up(f) for f in factors]
+                delta, _, state = kernel_forward(up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
+                                                 spec.sparsity, thresholds=thresholds, keep=True)
+            else:
+                with torch.enable_grad():
+                    leaves = [None if f is None else f.detach().requires_grad_(need[4 + i])
+                              for i, f in enumerate(factors)]
+                    delta, _ = spec.delta(*leaves[:2], coefficients, *leaves[2:], thresholds=thresholds)
+            w = delta.detach().reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
+            if weight is not None:
+                w.add_(weight.to(dtype))
+            gy = gy.to(dtype)
+            gx, gw = op.backward(gy, x.to(dtype), w, need[0])
+            del w
+            g_weight = gw.reshape(weight.shape).to(weight.dtype, copy=True) if weight is not None and need[1] else None
+            g_delta = gw.reshape(delta.shape).to(delta.dtype)
+            if fast:
+                del delta
+                grads = kernel_backward(state, g_delta, up[0], up[1], coefficients, up[2], up[3])
+                factor_grads = [g.to(f.dtype) if (f is not None and need[4 + i] and g is not None) else None
+                                for i, (f, g) in enumerate(zip(factors, grads))]
+            else:
+                wanted = [leaf for i, leaf in enumerate(leaves) if leaf is not None and need[4 + i]]
+                it = iter(torch.autograd.grad(delta, wanted, g_delta) if wanted else ())
+                factor_grads = [next(it).to(f.dtype) if (f is not None and need[4 + i]) else None
+                                for i, f in enumerate(factors)]
         g_bias = op.bias_grad(gy).to(bias.dtype) if bias is not None and need[2] else None
         g_x = gx.to(x.dtype) if gx is not None else None
         return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None)

@@ -86,10 +86,25 @@ def resolve_targets(model: nn.Module, target_modules: Optional[Union[list[str], 
         if not isinstance(m, adaptable):
             raise ValueError(f"module {n!r} is a {type(m).__name__}, which SNELLA cannot adapt; accepted layer "
                              f"types: nn.Linear, nn.Conv2d (and subclasses). Narrow target_modules.")
+        if isinstance(m, SUPPORTED_TYPES) and not has_plain_forward(m):
+            raise ValueError(f"module {n!r} is a {type(m).__name__}, a subclass of {m.__class__.__mro__[1].__name__} "
+                             "with its own forward (e.g. weight standardisation); the adapted layer would skip it "
+                             "and compute something else. Exclude it with exclude_modules.")
     if not chosen:
         raise ValueError(f"every module matched by target_modules={target_modules!r} is excluded by "
                          f"exclude_modules={exclude_modules!r}")
     return [n for n, _ in chosen]
+
+
+def has_plain_forward(module: nn.Module) -> bool:
+    """True when the layer computes the plain linear/conv of its weight (what the adapted op reproduces).
+
+    timm's ``Conv2dSame`` overrides forward only to pad, which the adapted conv handles itself.
+    """
+    if type(module).__name__ == "Conv2dSame":
+        return True
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    return type(module).forward is base.forward
 
 
 def is_fused_qkv(name: str, module: nn.Module) -> bool:

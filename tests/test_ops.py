@@ -24,9 +24,9 @@ def make_factors(S, P, n_in, n_out_s, r, kernel, dtype=torch.float32, seed=0):
 
 def twin(x, weight, bias, spec, leaves, c, op):
     """Plain autograd on the same formulas: keeps every intermediate alive, the reference."""
+    up = lambda t: t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
     A, B, alpha, gamma, beta = leaves
-    K = Fn.kernel_delta(spec.kernel, A.float(), B.float(), None if c is None else c.float(),
-                        *(None if t is None else t.float() for t in (alpha, gamma, beta)))
+    K = Fn.kernel_delta(spec.kernel, up(A), up(B), up(c), *(up(t) for t in (alpha, gamma, beta)))
     delta = Fn.sparsify(K, list(spec.sparsity), spec.mode)
     w = delta.reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(x.dtype)
     if weight is not None:
@@ -58,15 +58,20 @@ SHAPES = [  # (S, P, in, out_s, r, lead shape of x)
 @pytest.mark.parametrize("kernel", ["mixed", "piecewise", "rbf", "sigmoid", "linear"])
 @pytest.mark.parametrize("mode", ["magnitude", "soft"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_linear_matches_plain_autograd_fp32(shape, kernel, mode, fused):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_matches_plain_autograd(shape, kernel, mode, fused, dtype):
     S, P, n_in, n_out_s, r, lead = shape
     torch.manual_seed(0)
-    leaves, c = make_factors(S, P, n_in, n_out_s, r, kernel)
-    x = torch.randn(*lead, n_in, requires_grad=True)
-    weight = torch.randn(S * n_out_s, n_in) if fused else None
-    bias = torch.randn(S * n_out_s) if fused else None
+    leaves, c = make_factors(S, P, n_in, n_out_s, r, kernel, dtype=dtype)
+    x = torch.randn(*lead, n_in, requires_grad=True, dtype=dtype)
+    weight = torch.randn(S * n_out_s, n_in, dtype=dtype) if fused else None
+    bias = torch.randn(S * n_out_s, dtype=dtype) if fused else None
     sparsity = tuple([0.5, 0.0, 0.8][:S]) if S == 3 else (0.6,)
-    compare(x, weight, bias, DeltaSpec(kernel, mode, sparsity), leaves, c, LinearOp(), rtol=1e-5, atol=1e-6)
+    # float64: the same values to rounding. float32: the hand-derived backward (kernel_vjp.py) sums in
+    # another order than autograd, and the distance gradient A*colsum(E) - E^T B cancels, so 5e-5 of the
+    # largest gradient.
+    rtol, atol = (1e-9, 1e-11) if dtype == torch.float64 else (1e-4, 5e-5)
+    compare(x, weight, bias, DeltaSpec(kernel, mode, sparsity), leaves, c, LinearOp(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -100,7 +105,7 @@ def test_conv2d_matches_plain_autograd(conv, fused):
     x = torch.randn(2, c_in, 9, 9, requires_grad=True)
     weight = torch.randn(c_out, c_in // conv["groups"], kh, kw) if fused else None
     bias = torch.randn(c_out) if fused else None
-    compare(x, weight, bias, DeltaSpec("mixed", "magnitude", (0.5,)), leaves, c, op, rtol=1e-5, atol=1e-6)
+    compare(x, weight, bias, DeltaSpec("mixed", "magnitude", (0.5,)), leaves, c, op, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("op_name", ["linear", "conv"])

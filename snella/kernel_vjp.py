@@ -1,0 +1,133 @@
+"""Hand-derived forward and backward of the distance kernels (SNELL piecewise, SNELLA mixed) with the
+weight-level competition: the hot path of every adapted layer.
+
+Autograd through ``functional.mixed_kernel`` + ``sparsify`` works, but it allocates a fresh (out, in)
+tensor for every elementwise op and keeps them all until backward ends. These functions compute the
+same values and gradients with in-place ops, GEMM-shaped reductions and a handful of live (out, in)
+buffers, which roughly halves the kernel's share of a training step on CPU. ``tests/test_ops.py``
+checks them against plain autograd on the formulas of ``functional.py``.
+
+Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``; updates ``(S, out, in)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import _DIST_EPS, selection_threshold
+
+FAST_KERNELS = ("mixed", "piecewise")
+
+
+class KernelState(NamedTuple):
+    """What the backward of the kernel needs, kept only inside one layer's backward."""
+
+    D: Tensor  # (S, P, out, in) distances
+    K: Tensor  # (S, out, in) piecewise kernel
+    soft: Optional[Tensor]  # (S, out, in) softmax of the mixed kernel, None for piecewise
+    scale: Optional[Tensor]  # (S, out, in) competition multiplier (m * mask, or max(m - t, 0)); None if dense
+
+
+def _distances(A: Tensor, B: Tensor) -> Tensor:
+    """``||B[i] - A[j]||`` per chunk as ``(S, P, out, in)``: one batched GEMM plus three in-place passes."""
+    S, P, n_in, d = A.shape
+    n_out = B.shape[2]
+    D = B.pow(2).sum(-1, keepdim=True) + A.pow(2).sum(-1).unsqueeze(-2)  # (S, P, out, in)
+    D = D.view(S * P, n_out, n_in)
+    torch.baddbmm(D, B.reshape(S * P, n_out, d), A.reshape(S * P, n_in, d).transpose(1, 2), alpha=-2.0, out=D)
+    return D.view(S, P, n_out, n_in).clamp_(min=_DIST_EPS).sqrt_()
+
+
+def _batched_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum(x * y)`` per leading index without an elementwise temporary: ``(S, ...) -> (S,)``."""
+    S = x.shape[0]
+    return torch.bmm(x.reshape(S, 1, -1), y.reshape(S, -1, 1)).view(S)
+
+
+def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor],
+                   beta: Optional[Tensor], kernel: str, mode: str, sparsity: Sequence[float],
+                   thresholds: Optional[Tensor] = None, keep: bool = False
+                   ) -> tuple[Tensor, Tensor, Optional[KernelState]]:
+    """The sparse update, without autograd.
+
+    Args:
+        kernel: "mixed" or "piecewise". mode: "magnitude" or "soft". sparsity: one level per matrix.
+        thresholds: ``(S,)`` from an earlier call (backward reuses forward's selection); computed if None.
+        keep: also return the intermediates that ``kernel_backward`` needs.
+
+    Returns:
+        ``(delta (S, out, in), thresholds (S,), state or None)``.
+    """
+    S, P = A.shape[:2]
+    D = _distances(A, B)
+    K = torch.matmul(c.to(D.dtype).view(1, 1, P), D.view(S, P, -1)).view(S, *D.shape[2:])  # sum_p c_p D_p
+    soft = None
+    if kernel == "mixed":
+        soft = torch.softmax(K / gamma.view(S, 1, 1), dim=-2)  # over the out index, per input j
+        Kp = torch.addcmul(K, soft, alpha.view(S, 1, 1)).add_(beta.view(S, 1, 1))
+    elif kernel == "piecewise":
+        Kp = K  # not modified in place when kept: the competition below then makes a new tensor
+    else:
+        raise ValueError(f"kernel_forward handles {FAST_KERNELS}, not {kernel!r}")
+    if not keep:
+        del D, soft
+    scale = None
+    if any(level > 0 for level in sparsity):
+        scale = Kp.abs()  # (S, out, in): m, turned in place into the competition's multiplier
+    if thresholds is None:
+        thresholds = torch.full((S,), float("nan"), device=A.device, dtype=Kp.dtype)
+        for s, level in enumerate(sparsity):
+            if level > 0:
+                thresholds[s] = selection_threshold(scale[s], level, mode)
+    if scale is not None:
+        for s, level in enumerate(sparsity):
+            if level == 0:
+                scale[s].fill_(1.0)
+            elif mode == "magnitude":
+                scale[s].masked_fill_(scale[s] <= thresholds[s], 0.0)  # m * 1[m > t]
+            else:
+                scale[s].sub_(thresholds[s]).clamp_(min=0.0)  # max(m - t, 0)
+        delta = Kp * scale if keep else Kp.mul_(scale)
+    else:
+        delta = Kp
+    state = KernelState(D, K, soft, scale) if keep else None
+    return delta, thresholds, state
+
+
+def kernel_backward(state: KernelState, grad: Tensor, A: Tensor, B: Tensor, c: Tensor,
+                    alpha: Optional[Tensor], gamma: Optional[Tensor]
+                    ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``(A, B, alpha, gamma, beta)`` from ``grad = dL/d(delta)`` ``(S, out, in)``.
+
+    ``grad`` is consumed (overwritten in place). The competition's multiplier is treated as a
+    constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
+    """
+    D, K, soft, scale = state
+    S, P = A.shape[:2]
+    g = grad if scale is None else grad.mul_(scale)  # dL/dK' (S, out, in)
+    g_alpha = g_gamma = g_beta = None
+    if soft is not None:
+        # K' = K + alpha * softmax(K / gamma) + beta
+        g_beta = g.sum((-2, -1))
+        t = g * soft  # (S, out, in)
+        col = t.sum(-2, keepdim=True)  # (S, 1, in): softmax's per-column inner product
+        g_alpha = col.sum((-2, -1))
+        t.addcmul_(soft, col, value=-1.0)  # soft * (g - col): dL/dZ divided by alpha
+        a = alpha.view(S, 1, 1)
+        gm = gamma.view(S, 1, 1)
+        g_gamma = -alpha * _batched_dot(t, K) / gamma.pow(2)  # Z = K / gamma
+        g.addcmul_(t, a / gm)  # dL/dK = dL/dK' + dL/dZ / gamma
+        del t
+    # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||.
+    E = g.unsqueeze(1) / D  # (S, P, out, in)
+    E.mul_(c.to(E.dtype).view(1, P, 1, 1))
+    E.masked_fill_(D <= D.new_tensor(_DIST_EPS).sqrt(), 0.0)  # clamped distances pass no gradient
+    Ef = E.view(S * P, *E.shape[2:])
+    Bf = B.reshape(S * P, B.shape[2], B.shape[3])
+    Af = A.reshape(S * P, A.shape[2], A.shape[3])
+    g_B = Bf * Ef.sum(-1, keepdim=True) - torch.bmm(Ef, Af)  # (S*P, out, d)
+    g_A = Af * Ef.sum(-2).unsqueeze(-1) - torch.bmm(Ef.transpose(1, 2), Bf)  # (S*P, in, d)
+    return g_A.view(A.shape), g_B.view(B.shape), g_alpha, g_gamma, g_beta
