@@ -86,8 +86,11 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
         for s, level in enumerate(sparsity):
             if level == 0:
                 scale[s].fill_(1.0)
-            elif mode == "magnitude":
-                scale[s].masked_fill_(scale[s] <= thresholds[s], 0.0)  # m * 1[m > t]
+            elif mode == "magnitude":  # m * 1[m > t]
+                if scale.device.type == "cpu":
+                    torch.nn.functional.threshold_(scale[s], float(thresholds[s]), 0.0)  # one pass
+                else:  # no host sync on accelerators
+                    scale[s].masked_fill_(scale[s] <= thresholds[s], 0.0)
             else:
                 scale[s].sub_(thresholds[s]).clamp_(min=0.0)  # max(m - t, 0)
         delta = Kp * scale if keep else Kp.mul_(scale)
@@ -121,13 +124,20 @@ def kernel_backward(state: KernelState, grad: Tensor, A: Tensor, B: Tensor, c: T
         g_gamma = -alpha * _batched_dot(t, K) / gamma.pow(2)  # Z = K / gamma
         g.addcmul_(t, a / gm)  # dL/dK = dL/dK' + dL/dZ / gamma
         del t
-    # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||.
+    # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||. With
+    # E_p = g / D_p: dL/dB_p = c_p (B_p * rowsum(E_p) - E_p A_p), dL/dA_p = c_p (A_p * colsum(E_p) - E_p^T B_p).
+    # A column of ones appended to A and B makes each GEMM return the row/column sums as well, and
+    # c_p scales the small results instead of the large E.
     E = g.unsqueeze(1) / D  # (S, P, out, in)
-    E.mul_(c.to(E.dtype).view(1, P, 1, 1))
-    E.masked_fill_(D <= D.new_tensor(_DIST_EPS).sqrt(), 0.0)  # clamped distances pass no gradient
+    if D.amin() <= D.new_tensor(_DIST_EPS).sqrt():
+        E.masked_fill_(D <= D.new_tensor(_DIST_EPS).sqrt(), 0.0)  # clamped distances pass no gradient
     Ef = E.view(S * P, *E.shape[2:])
     Bf = B.reshape(S * P, B.shape[2], B.shape[3])
     Af = A.reshape(S * P, A.shape[2], A.shape[3])
-    g_B = Bf * Ef.sum(-1, keepdim=True) - torch.bmm(Ef, Af)  # (S*P, out, d)
-    g_A = Af * Ef.sum(-2).unsqueeze(-1) - torch.bmm(Ef.transpose(1, 2), Bf)  # (S*P, in, d)
+    EA = torch.bmm(Ef, torch.cat([Af, Af.new_ones(Af.shape[:2] + (1,))], -1))  # (S*P, out, d+1)
+    EB = torch.bmm(Ef.transpose(1, 2), torch.cat([Bf, Bf.new_ones(Bf.shape[:2] + (1,))], -1))  # (S*P, in, d+1)
+    del E, Ef
+    cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
+    g_B = (Bf * EA[..., -1:] - EA[..., :-1]) * cp  # (S*P, out, d)
+    g_A = (Af * EB[..., -1:] - EB[..., :-1]) * cp  # (S*P, in, d)
     return g_A.view(A.shape), g_B.view(B.shape), g_alpha, g_gamma, g_beta
