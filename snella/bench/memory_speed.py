@@ -1,0 +1,138 @@
+"""`snella bench memory` / `snella bench speed`: every method in its own process on the same model,
+batch, input and optimizer; CSV rows, a markdown table of ratios, and a bar chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from snella.bench.worker import METHODS
+
+DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
+# The figures the targets are stated against (issue 4): ratios to these, measured in the same run.
+REFERENCES = ("full", "lora-32", "gps-style", "snell-reference")
+
+
+def hardware_tag() -> str:
+    """'cpu2-x86_64' or 'cuda-<name>': goes into file names so results from machines never mix."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda-" + torch.cuda.get_device_name(0).replace(" ", "_")
+    return f"cpu{os.cpu_count()}-{platform.machine()}"
+
+
+def run_one(method: str, model: str, batch: int, *, steps: int = 3, warmup: int = 1, rank: int = 32,
+            sparsity: float = 0.8, image_size: int = 224, device: str = "cpu", ballast_mb: int = 0,
+            model_kwargs: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+    """Run one measurement in a fresh process (so peaks never mix) and return its row."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large tensors as their own mmaps: RSS follows live tensors
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "snella.bench.worker", "--method", method, "--model", model,
+               "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(rank),
+               "--sparsity", str(sparsity), "--image-size", str(image_size), "--device", device,
+               "--ballast-mb", str(ballast_mb), "--model-kwargs", json.dumps(model_kwargs or {}), "--json", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark of {method} on {model} (batch {batch}) failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Per (model, batch): each method's memory and time over each reference method's, same run."""
+    for row in rows:
+        for ref in REFERENCES:
+            other = next((r for r in rows if r["method"] == ref and r["model"] == row["model"]
+                          and r["batch"] == row["batch"]), None)
+            if other:
+                row[f"mem_vs_{ref}"] = round(row["peak_memory_mb"] / other["peak_memory_mb"], 3)
+                row[f"time_vs_{ref}"] = round(row["step_seconds"] / other["step_seconds"], 3)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def markdown_table(rows: list[dict], metric: str) -> str:
+    """A table of one metric ('peak_memory_mb' or 'step_seconds') with its ratios to the references."""
+    kind = "mem" if metric == "peak_memory_mb" else "time"
+    refs = [r for r in REFERENCES if any(f"{kind}_vs_{r}" in row for row in rows)]
+    unit = "peak MB" if kind == "mem" else "s / step"
+    lines = [f"| model | batch | method | {unit} | " + " | ".join(f"x {r}" for r in refs) + " |",
+             "|---|---|---|---|" + "---|" * len(refs)]
+    for row in rows:
+        ratios = " | ".join(f"{row[f'{kind}_vs_{r}']:.2f}" if f"{kind}_vs_{r}" in row else "" for r in refs)
+        lines.append(f"| {row['model']} | {row['batch']} | {row['method']} | {row[metric]:g} | {ratios} |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict], path: Path) -> Path:
+    """Peak memory and step time per method, one panel pair per (model, batch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+    fig = Figure(figsize=(12, 3.2 * len(groups)))
+    FigureCanvasAgg(fig)
+    for i, (model, batch) in enumerate(groups):
+        sub = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        names = [r["method"] for r in sub]
+        for j, (metric, label) in enumerate((("peak_memory_mb", "peak memory (MB)"), ("step_seconds", "s / step"))):
+            ax = fig.add_subplot(len(groups), 2, 2 * i + j + 1)
+            colors = ["tab:red" if n.startswith("snella") else "tab:orange" if n.startswith("snell") else "tab:gray"
+                      for n in names]
+            ax.barh(names, [r[metric] for r in sub], color=colors)
+            ax.set_title(f"{model}, batch {batch}: {label}", fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Sequence[str] = METHODS,
+              output_dir: str = "bench/results", steps: int = 3, warmup: int = 1, rank: int = 32,
+              sparsity: float = 0.8, image_size: int = 224, device: str = "cpu",
+              model_kwargs: Optional[dict] = None, log=print) -> list[dict]:
+    """Measure every (model, batch, method) and write CSV, tables and chart; rows are returned."""
+    import torch
+    import timm
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown benchmark method {m!r}; accepted: {', '.join(METHODS)}")
+    rows = []
+    for model in models:
+        for batch in batches:
+            for method in methods:
+                row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
+                              image_size=image_size, device=device, model_kwargs=model_kwargs)
+                log(f"{model} b{batch} {method:16s} {row['peak_memory_mb']:9.1f} MB {row['step_seconds']:8.3f} s/step")
+                rows.append(row)
+    add_ratios(rows)
+    tag = f"{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
+    out = Path(output_dir)
+    csv_path = write_csv(rows, out / f"memory-speed-{tag}.csv")
+    (out / f"memory-{tag}.md").write_text(markdown_table(rows, "peak_memory_mb") + "\n")
+    (out / f"speed-{tag}.md").write_text(markdown_table(rows, "step_seconds") + "\n")
+    bar_chart(rows, out / f"memory-speed-{tag}.png")
+    log(f"wrote {csv_path}")
+    return rows
