@@ -1,0 +1,240 @@
+"""The `snella` command (console script and `python -m snella`): one typed function per subcommand.
+
+    snella finetune [--config FILE|NAME] [--FIELD VALUE ...]   fine-tune (defaults: SNELLA, snella-default on mnist5k)
+    snella evaluate --run DIR [--data SRC] [--split test]        accuracy of a finished run
+    snella predict --run DIR IMAGE_OR_FOLDER ... [--top-k 5]     top-k labels of images
+    snella merge --run DIR --output FILE.safetensors             plain timm checkpoint, adapter folded in
+    snella pretrain ...                                          pretrain the snella-default backbone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from snella import __version__
+from snella.training.config import RUN_ONLY, TrainConfig, read_yaml
+from snella.training.outputs import CONFIG_FILE
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+# ---------------------------------------------------------------- the subcommands
+
+
+def finetune(config: TrainConfig) -> dict[str, Any]:
+    """Fine-tune a backbone on a dataset with one method; writes metrics, adapter, checkpoint and plots."""
+    from snella.train import finetune as run_finetune  # torch, timm: imported only when a command runs
+
+    return run_finetune(config)
+
+
+def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
+             precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
+    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split)."""
+    from snella.training.tools import evaluate as run_evaluate
+
+    return run_evaluate(run, data, split, batch_size, precision, device, limit)
+
+
+def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
+            device: str = "auto") -> list[dict[str, Any]]:
+    """Top-k labels, with probabilities, of image files or folders of images."""
+    from snella.training.tools import predict as run_predict
+
+    return run_predict(run, images, top_k, batch_size, precision, device)
+
+
+def merge(run: str, output: str) -> dict[str, Any]:
+    """Fold a run's adapter into its backbone; write a timm checkpoint + JSON loadable without snella."""
+    from snella.training.tools import merge as run_merge
+
+    return run_merge(run, output)
+
+
+# ---------------------------------------------------------------- arguments of each subcommand
+
+# First field of each argument group of `snella finetune --help`.
+_GROUPS = {"model": "model", "data": "data", "method": "method", "epochs": "optimisation", "seed": "run",
+           "debug_step_delay": "testing hooks"}
+
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (or a packaged config name: "
+                        "lora, full, linear, snell, ...); flags given here override it")
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser
+    for f in fields(TrainConfig):
+        if f.name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[f.name])
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        hint = hints[f.name]
+        optional = typing.get_origin(hint) is typing.Union
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        # argparse.SUPPRESS: only flags actually given appear, so they override the YAML and nothing else
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(base) is list:
+            group.add_argument(flag, nargs="+", metavar="NAME", default=argparse.SUPPRESS, help=help_text)
+        else:
+            metavar = {int: "INT", float: "FLOAT", str: "STR"}.get(base, "MAP")
+            group.add_argument(flag, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Dataclass defaults < a resumed run's saved config < the --config YAML < flags."""
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    settings: dict[str, Any] = {}
+    source = "command line"
+    if flags.get("resume") and flags.get("output_dir"):
+        saved = Path(flags["output_dir"]) / CONFIG_FILE
+        if saved.is_file():  # resume with the run's own settings unless told otherwise
+            settings.update({k: v for k, v in read_yaml(saved).items() if k not in RUN_ONLY})
+    if args.config:
+        settings.update(read_yaml(args.config))
+        source = f"{args.config} + command line"
+    return TrainConfig.from_dict({**settings, **flags}, source=source)
+
+
+def _add_run_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR", help="output folder of a finished `snella finetune`")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default) or bf16 (autocast)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_argument(parser)
+    parser.add_argument("--data", default=None, help="dataset source (default: the run's own)")
+    parser.add_argument("--split", default="test", help="train, val, trainval or test (default: test)")
+    parser.add_argument("--limit", type=int, default=None, help="score only this many images (a fixed subset)")
+    _add_common(parser)
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_argument(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
+    parser.add_argument("--top-k", type=int, default=5, help="labels shown per image (default: 5)")
+    _add_common(parser)
+
+
+def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_argument(parser)
+    parser.add_argument("--output", required=True, metavar="FILE", help="the .safetensors file to write "
+                        "(its architecture goes to the same name with .json)")
+
+
+# ---------------------------------------------------------------- calling them and printing results
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    finetune(config_from_args(args))  # the loop prints its own summary
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    result = evaluate(args.run, args.data, args.split, args.batch_size, args.precision, args.device, args.limit)
+    line = (f"accuracy {100 * result['accuracy']:.2f}% on {result['data']} [{result['split']}], "
+            f"{result['images']} images")
+    print(json.dumps(result) if args.json else line)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    results = predict(args.run, args.images, args.top_k, args.batch_size, args.precision, args.device)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for item in results:
+        print(f"{item['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in item["top"]))
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    info = merge(args.run, args.output)
+    print(f"wrote {info['output']} and {info['json']} (architecture {info['architecture']}; tuned vs merged "
+          f"logits differ by at most {info['max_abs_logit_diff']:.2e})")
+
+
+def _run_pretrain(args: argparse.Namespace) -> Any:
+    import snella.pretrain
+
+    return snella.pretrain.main(args)
+
+
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    import snella.pretrain  # only when the pretrain command is used: it is another module's business
+
+    snella.pretrain.add_arguments(parser)
+
+
+# name -> (one-line help, add its arguments, run it)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
+    "finetune": (finetune.__doc__, _add_finetune_arguments, _run_finetune),
+    "evaluate": (evaluate.__doc__, _add_evaluate_arguments, _run_evaluate),
+    "predict": (predict.__doc__, _add_predict_arguments, _run_predict),
+    "merge": (merge.__doc__, _add_merge_arguments, _run_merge),
+    "pretrain": ("Pretrain the snella-default backbone (a small ViT) on Fashion-MNIST.", _add_pretrain_arguments,
+                 _run_pretrain),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s own arguments are built (so `pretrain` is imported only when used)."""
+    parser = argparse.ArgumentParser(
+        prog="snella", description="Kernelized sparse fine-tuning (SNELLA / SNELL) of pretrained vision models.",
+        epilog="`snella finetune` with no arguments runs the default: SNELLA on the snella-default ViT, mnist5k.")
+    parser.add_argument("--version", action="version", version=f"snella {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        first_line = (help_text or "").strip().splitlines()[0]
+        child = sub.add_parser(name, help=first_line, description=help_text)
+        if name == command:
+            add_arguments(child)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status.
+
+    Errors a user can cause (bad settings, missing or corrupt files) print one message and return 2;
+    a run stopped by a non-finite loss returns 1.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+    except ImportError as err:
+        print(f"snella {command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    from snella.train import NonFiniteLossError
+
+    try:
+        result = COMMANDS[args.command][2](args)
+    except NonFiniteLossError as err:
+        print(f"snella {args.command}: stopped: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError) as err:
+        print(f"snella {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"snella {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

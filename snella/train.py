@@ -1,0 +1,270 @@
+"""The fine-tuning loop behind `snella finetune`: every method, one machine or many, resumable; read top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import snella
+from snella.allocator import AllocatorConfig, BudgetAllocator
+from snella.data import load_dataset
+from snella.training import distributed as distrib
+from snella.training.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from snella.training.config import TrainConfig
+from snella.training.data import batches, epoch_order, input_spec, load_split, num_batches, prepare, shard
+from snella.training.evaluation import accuracy, autocast, logits_of
+from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
+from snella.training.optim import build_optimizer, build_scheduler
+from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, CURVES_PLOT, METRICS_FILE, RUN_FILE,
+                                     CONFIG_FILE, check_output_dir, clear_run, default_output_dir, folder_bytes,
+                                     write_json)
+from snella.training.report import MemoryMeter, print_summary, write_plots
+from snella.training.runs import build_backbone
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def finetune(config: TrainConfig) -> dict[str, Any]:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.method`` and write the run's outputs.
+
+    Under torchrun every process calls this; they train data-parallel and rank 0 writes the files.
+
+    Args:
+        config: the run's settings (``TrainConfig()`` is the default recipe).
+
+    Returns:
+        The metrics written to metrics.json (the same dict on every rank).
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or data (the message names the value or file).
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    wall_start = time.perf_counter()
+    ctx = distrib.setup(config.device)
+    try:
+        return _finetune(config, ctx, wall_start)
+    finally:
+        distrib.teardown(ctx)
+
+
+def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) -> dict[str, Any]:
+    device, show = ctx.device, config.progress and ctx.is_main
+
+    # ---- the output folder: named by rank 0, checked by every rank before anything is written
+    out = Path(distrib.broadcast_object(ctx, str(config.output_dir or default_output_dir(config))))
+    config = dataclasses.replace(config, output_dir=str(out))
+    check_output_dir(out, config.overwrite, config.resume)
+    distrib.barrier(ctx)
+
+    # ---- data and backbone: the class count sizes the head, the backbone decides the input size
+    train_raw = load_dataset(config.data, config.train_split, None, skip_bad_images=config.skip_bad_images,
+                             seed=config.seed)
+    torch.manual_seed(config.seed)  # the new head's init, the same on every rank
+    backbone = build_backbone(config, train_raw.num_classes)
+    spec = input_spec(config, backbone)
+    train_set = prepare(train_raw, spec, train=True, limit=config.train_limit)
+    test_set = load_split(config, spec, config.test_split, train=False, limit=config.test_limit)
+    val_set = load_split(config, spec, config.val_split, False, config.test_limit) if config.val_split else None
+    for other in (test_set, val_set):
+        if other is not None and other.classes != train_set.classes:
+            raise ValueError(f"{config.data}: split {other.split!r} has classes {other.classes[:10]}, the training "
+                             f"split {train_set.classes[:10]}; every split must have the same classes")
+
+    # ---- the method: which parameters train
+    method = get_method(config.method)
+    torch.manual_seed(config.seed)  # the adapter's init
+    model = method.apply(config, backbone).to(device)
+    if config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {ctx.world_size} processes")
+    rank_batch = config.batch_size // ctx.world_size
+    steps_per_epoch = num_batches(len(shard(torch.arange(len(train_set)), 0, ctx.world_size)), rank_batch)
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, config.warmup_epochs * steps_per_epoch, config.lr,
+                                config.warmup_lr, config.min_lr)
+    allocator = _allocator(config, method, model, total_steps, steps_per_epoch)
+
+    # ---- a fresh run writes its config; a resumed one restores every piece of state
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    if config.resume:
+        state = load_checkpoint(out)
+        _check_same_run(config, state, out)
+        load_trainable_state(model, state["model"], str(checkpoint_path(out)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if allocator is not None:
+            allocator.load_state_dict(state["allocator"])
+        set_rng_state(state["rng"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+    elif ctx.is_main:
+        if config.overwrite:
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_yaml(out / CONFIG_FILE)
+        write_json(out / RUN_FILE, {"classes": train_set.classes, "input": spec.to_dict(), "method": config.method,
+                                    "model": config.model, "snella_version": snella.__version__})
+    distrib.barrier(ctx)
+
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if ctx.distributed else model
+    meter = MemoryMeter(device)
+    meter.start()
+    epoch_bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", disable=not show, position=0)
+    for epoch in range(start_epoch, config.epochs):
+        # ---- one epoch over this rank's share of the seeded order
+        epoch_start, density = time.perf_counter(), _density(allocator, method, model)
+        model.train()
+        order = shard(epoch_order(len(train_set), config.seed, epoch), ctx.rank, ctx.world_size)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen: over all ranks
+        step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                        disable=not show, position=1)
+        for images, labels in batches(train_set, order, rank_batch, config.num_workers, seed=config.seed + epoch):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            # forward
+            with autocast(device, config.precision):
+                logits = logits_of(net(images))  # (B, num_classes)
+            loss = F.cross_entropy(logits.float(), labels)
+            if config.debug_nan_step == step + 1:
+                loss = loss * float("nan")
+            # every rank sees the global loss, so all stop together on a bad one
+            stats = torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(),
+                                  len(labels)], dtype=torch.float64, device=device)
+            stats = distrib.all_reduce_sum(ctx, stats).cpu()
+            if not math.isfinite(stats[0]):
+                step_bar.close()
+                epoch_bar.close()
+                mean_loss = float(stats[0] / stats[2])
+                raise NonFiniteLossError(_non_finite_message(mean_loss, epoch, step, config, out, history))
+            # backward, update; the allocator reads |theta * grad| after the step, before the grads go
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if allocator is not None:
+                allocator.update_scores()
+            scheduler.step()
+            step += 1
+            if allocator is not None:
+                allocator.step(step)  # at the last step of an epoch: the allocation of the next one
+            totals += stats
+            step_bar.update()
+            step_bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}",
+                                 **({"density": f"{density:.3f}"} if density is not None else {}))
+            if config.debug_step_delay:
+                time.sleep(config.debug_step_delay)
+        step_bar.close()
+
+        # ---- record the epoch, validate, checkpoint
+        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": float(totals[0] / totals[2]), "train_acc": float(totals[1] / totals[2]),
+                  "density": density, "seconds": time.perf_counter() - epoch_start}
+        if val_set is not None:
+            record["val_acc"] = accuracy(model, val_set, rank_batch, device, config.precision, ctx)[0]
+        history.append(record)
+        if ctx.is_main:
+            save_checkpoint(out, {
+                "config": config.to_dict(), "epoch": epoch + 1, "step": step, "history": history,
+                "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rng_state()})
+        distrib.barrier(ctx)
+        epoch_bar.update()
+        if ctx.is_main:
+            tqdm.write(_epoch_line(record, config.epochs))
+    epoch_bar.close()
+    peak_mb = meter.peak_mb()
+
+    # ---- test, check that the ranks agree, write the outputs
+    test_acc, test_images = accuracy(model, test_set, rank_batch, device, config.precision, ctx)
+    sparsities = {m.name: float(m.get_sparsity()) for m in method.matrices(model)}
+    ranks = distrib.gather_objects(ctx, {"sparsities": sparsities, "checksum": _checksum(model)})
+    metrics: Optional[dict[str, Any]] = None
+    if ctx.is_main:
+        method.save(model, out / ADAPTER_DIR)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        metrics = {
+            "test_accuracy": test_acc, "test_split": config.test_split, "test_images": test_images,
+            "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
+            "adapter_bytes": folder_bytes(out / ADAPTER_DIR), "peak_memory_mb": peak_mb,
+            "peak_memory_kind": meter.kind, "train_seconds": sum(r["seconds"] for r in history),
+            "wall_seconds": time.perf_counter() - wall_start, "epochs": config.epochs, "steps": step,
+            "method": config.method, "model": config.model, "data": config.data, "output_dir": str(out),
+            "world_size": ctx.world_size, "skipped_images": len(train_raw.bad_images),
+            "final_density": _density(allocator, method, model), "final_sparsities": sparsities,
+            "ranks_agree": all(r == ranks[0] for r in ranks), "rank_results": ranks,
+            "history": history, "allocation_history": allocator.history if allocator is not None else None,
+        }
+        write_json(out / METRICS_FILE, metrics)
+        write_plots(out, history, metrics["allocation_history"], CURVES_PLOT, ALLOCATION_PLOT)
+        print_summary(metrics)
+    return distrib.broadcast_object(ctx, metrics)
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+
+def _allocator(config: TrainConfig, method: Method, model: nn.Module, total_steps: int,
+               steps_per_epoch: int) -> Optional[BudgetAllocator]:
+    """SNELLA's budget allocator (sets every matrix to the initial sparsity); None for the other methods."""
+    if config.method != "snella" or config.sparsity == 0:
+        return None  # a dense SNELLA has no budget to share
+    allocation = AllocatorConfig(target_sparsity=config.sparsity, init_sparsity=config.init_sparsity,
+                                 score=config.score, schedule=config.allocation,
+                                 interval_steps=config.allocation_interval,
+                                 adaptive_threshold=config.adaptive_threshold)
+    return BudgetAllocator(method.matrices(model), allocation, total_steps, steps_per_epoch)
+
+
+def _density(allocator: Optional[BudgetAllocator], method: Method, model: nn.Module) -> Optional[float]:
+    """Fraction of update entries kept over all adapted matrices; None for methods without sparsity."""
+    if allocator is not None:
+        return allocator.current_budget() / sum(allocator.numels)
+    matrices = method.matrices(model)
+    if not matrices:
+        return None
+    kept = sum((1.0 - m.get_sparsity()) * m.numel for m in matrices)
+    return kept / sum(m.numel for m in matrices)
+
+
+def _checksum(model: nn.Module) -> list[float]:
+    """Sum and sum of squares of the trainable parameters: equal on every rank of a correct DDP run."""
+    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    return [float(sum(p.sum() for p in params)), float(sum(p.square().sum() for p in params))]
+
+
+def _check_same_run(config: TrainConfig, state: dict[str, Any], out: Path) -> None:
+    saved = TrainConfig.from_dict(state["config"], source=str(checkpoint_path(out)))
+    diff = config.differences(saved)
+    if diff:
+        shown = ", ".join(f"{k}: now {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"--resume: the settings differ from the run in {out} ({shown}); resume with the same "
+                         "settings (omit them to reuse the saved config.yaml) or start a new run")
+
+
+def _non_finite_message(loss: float, epoch: int, step: int, config: TrainConfig, out: Path,
+                        history: list[dict[str, Any]]) -> str:
+    kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in {checkpoint_path(out)}"
+            if history else "no checkpoint was written (the first epoch did not finish)")
+    return (f"loss became {loss} at epoch {epoch + 1}, step {step + 1}: training stopped; {kept}. "
+            f"Lower --lr (now {config.lr}) or use --precision fp32, and start again with --overwrite.")
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    line = (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  acc {100 * record['train_acc']:.2f}%"
+            f"  lr {record['lr']:.2e}")
+    if record.get("val_acc") is not None:
+        line += f"  val {100 * record['val_acc']:.2f}%"
+    if record.get("density") is not None:
+        line += f"  density {100 * record['density']:.1f}%"
+    return line + f"  {record['seconds']:.1f}s"

@@ -1,0 +1,317 @@
+"""TrainConfig: every setting of a fine-tuning run, with the default recipe, YAML loading and validation."""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from snella.allocator import SCHEDULES, SCORES
+from snella.data.checks import SPLITS
+from snella.data.transforms import TRANSFORM_NAMES
+from snella.functional import COMPETITION_MODES
+
+METHODS = ("snella", "snell", "lora", "full", "linear")
+PRECISIONS = ("fp32", "bf16")
+# Settings that change how a run is carried out, not what it computes: a resumed run may change them.
+RUN_ONLY = ("output_dir", "overwrite", "resume", "progress", "num_workers", "device",
+            "debug_step_delay", "debug_nan_step")
+PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run. The defaults are the recipe of `snella finetune` with no arguments.
+
+    That recipe fine-tunes the project's Fashion-MNIST ViT on mnist5k with SNELLA; the values are
+    tuned for that pair on a 2-core CPU (the paper's ViT-B recipe is in SPEC.md section 6).
+    """
+
+    # ---------------------------------------------------------------- model
+    model: str = field(default="snella-default", metadata=_help(
+        "Backbone: a timm name, 'vit_fmnist_d128', 'snella-default' (that ViT with the project's "
+        "Fashion-MNIST weights) or 'hf:<folder>'."))
+    weights: Optional[str] = field(default=None, metadata=_help(
+        "Pretrained weight file (.npz, .pth, .pt, .safetensors) loaded into the backbone."))
+    pretrained: bool = field(default=False, metadata=_help(
+        "Download timm's own pretrained weights for the model (needs network; or give --weights FILE)."))
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "Extra keyword arguments of the backbone, e.g. 'depth=2,drop_path_rate=0.1' or '{depth: 2}'."))
+
+    # ---------------------------------------------------------------- data
+    data: str = field(default="mnist5k", metadata=_help(
+        "Dataset: a built-in name (mnist5k, digits, faces, fashion-mnist), a folder, or "
+        "imagefolder:|vtab:|fgvc:|hf:<folder>."))
+    train_split: str = field(default="trainval", metadata=_help(
+        f"Split trained on, one of {SPLITS}; 'trainval' is all training data (the final run)."))
+    val_split: Optional[str] = field(default=None, metadata=_help(
+        "Split evaluated after every epoch (for lr sweeps: train on 'train', validate on 'val'); none by default."))
+    test_split: str = field(default="test", metadata=_help("Split of the final test accuracy."))
+    transform: str = field(default="none", metadata=_help(
+        f"Image transform, one of {TRANSFORM_NAMES}: 'vtab' resizes to image_size, 'fgvc' crops, "
+        "'none' keeps the size."))
+    image_size: Optional[int] = field(default=None, metadata=_help(
+        "Side of the model's input for 'vtab'/'fgvc'; default: the model's own input size."))
+    train_limit: Optional[int] = field(default=None, metadata=_help(
+        "Train on this many images only (a fixed random subset, the same for every seed): quick checks."))
+    test_limit: Optional[int] = field(default=None, metadata=_help(
+        "Evaluate on this many images of the val/test splits only (a fixed random subset)."))
+    skip_bad_images: bool = field(default=False, metadata=_help(
+        "Drop unreadable images (counted in metrics.json) instead of stopping with an error naming the file."))
+
+    # ---------------------------------------------------------------- method
+    method: str = field(default="snella", metadata=_help(
+        f"One of {METHODS}: snella (mixed kernel + budget allocation), snell (piecewise kernel, fixed "
+        "sparsity), lora (peft), full (every weight), linear (head only)."))
+    r: int = field(default=8, metadata=_help("Rank of the kernel factors (snella, snell) or of LoRA."))
+    chunks: int = field(default=2, metadata=_help("Kernel chunks P (snella, snell); must divide r."))
+    sparsity: float = field(default=0.5, metadata=_help(
+        "Fraction of each update's entries zeroed: snella's target at the end of the schedule, snell's fixed level."))
+    init_sparsity: float = field(default=0.01, metadata=_help(
+        "snella: sparsity of every matrix in the first allocation interval (authors: 0.01, almost dense)."))
+    competition: str = field(default="magnitude", metadata=_help(
+        f"Weight-level competition, one of {COMPETITION_MODES}."))
+    score: str = field(default="sensitivity", metadata=_help(f"snella's layer score, one of {SCORES}."))
+    allocation: str = field(default="epoch", metadata=_help(
+        f"When snella re-shares the budget, one of {SCHEDULES} (authors: every epoch)."))
+    allocation_interval: Optional[int] = field(default=None, metadata=_help(
+        "Optimizer steps between allocations for allocation 'steps' / 'adaptive'."))
+    adaptive_threshold: float = field(default=0.05, metadata=_help(
+        "allocation 'adaptive': reallocate when the layer scores moved this much (total variation)."))
+    target_modules: Optional[list[str]] = field(default=None, metadata=_help(
+        "Modules adapted (snella, snell, lora): names or suffixes; default: every linear map of each block."))
+    head: Optional[list[str]] = field(default=None, metadata=_help(
+        "Classifier module(s) trained in full; default: the model's own classifier (timm: 'head')."))
+    train_cls_token: bool = field(default=True, metadata=_help(
+        "Train the ViT class token too (snella, snell, lora), as the authors do."))
+    adapter_dropout: float = field(default=0.0, metadata=_help(
+        "Dropout on the adapter branch's input (authors: 0.1 at ViT-B scale)."))
+    adapter_drop_path: float = field(default=0.0, metadata=_help(
+        "Drop-path on the adapter branch's output (snella, snell; authors: 0.1 at ViT-B scale)."))
+
+    # ---------------------------------------------------------------- optimisation
+    epochs: int = field(default=20, metadata=_help("Training epochs."))
+    batch_size: int = field(default=64, metadata=_help(
+        "Global batch size (split evenly across data-parallel processes)."))
+    lr: float = field(default=1e-2, metadata=_help(
+        "Peak learning rate; the kernel factors want 10-20x full fine-tuning's at this scale (DATA.md)."))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay; never on 1-D parameters."))
+    warmup_epochs: int = field(default=2, metadata=_help("Epochs of linear warm-up from warmup_lr to lr."))
+    warmup_lr: float = field(default=1e-6, metadata=_help("Learning rate at the first step."))
+    min_lr: float = field(default=1e-5, metadata=_help("Floor of the cosine decay."))
+
+    # ---------------------------------------------------------------- run
+    seed: int = field(default=0, metadata=_help("Seed of the adapter init and of every epoch's sample order."))
+    precision: str = field(default="fp32", metadata=_help(f"One of {PRECISIONS}; bf16 runs under autocast."))
+    device: str = field(default="auto", metadata=_help("'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."))
+    num_workers: int = field(default=0, metadata=_help(
+        "DataLoader workers for datasets read from files (cached datasets need none)."))
+    output_dir: Optional[str] = field(default=None, metadata=_help(
+        "Where the run's files go; default runs/<method>-<data>-<YYYYmmdd-HHMMSS>."))
+    overwrite: bool = field(default=False, metadata=_help("Replace the run already in output_dir."))
+    resume: bool = field(default=False, metadata=_help("Continue the run in output_dir from its last checkpoint."))
+    progress: bool = field(default=True, metadata=_help("Show progress bars."))
+
+    # ---------------------------------------------------------------- testing hooks
+    debug_step_delay: float = field(default=0.0, metadata=_help(
+        "Testing: sleep this many seconds after every optimizer step (to interrupt a run mid-epoch)."))
+    debug_nan_step: Optional[int] = field(default=None, metadata=_help(
+        "Testing: make the loss NaN at this optimizer step (1-based) to exercise the non-finite stop."))
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+
+        def bad(name: str, accepted: str) -> None:
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
+
+        choices = {"method": METHODS, "precision": PRECISIONS, "transform": TRANSFORM_NAMES,
+                   "competition": COMPETITION_MODES, "score": SCORES, "allocation": SCHEDULES,
+                   "train_split": SPLITS, "test_split": SPLITS}
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                bad(name, ", ".join(accepted))
+        if self.val_split is not None and self.val_split not in SPLITS:
+            bad("val_split", ", ".join(SPLITS))
+        if self.val_split is not None and self.train_split == "trainval" and self.val_split in ("train", "val"):
+            bad("val_split", "a split disjoint from train_split='trainval' (train on 'train' to validate on 'val')")
+        for name in ("r", "chunks", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        if self.r % self.chunks:
+            bad("r", f"a multiple of chunks={self.chunks}")
+        for name in ("image_size", "train_limit", "test_limit", "allocation_interval", "debug_nan_step"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "a positive integer or null")
+        for name in ("warmup_epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(name, "an integer >= 0")
+        if self.warmup_epochs > self.epochs:
+            bad("warmup_epochs", f"at most epochs={self.epochs}")
+        for name in ("sparsity", "init_sparsity", "adapter_dropout", "adapter_drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number in [0, 1)")
+        if self.method == "snella" and self.sparsity > 0 and self.init_sparsity > self.sparsity:
+            bad("init_sparsity", f"at most sparsity={self.sparsity} (the budget only shrinks)")
+        if self.allocation in ("steps", "adaptive") and self.allocation_interval is None:
+            bad("allocation_interval", f"a positive integer, which allocation={self.allocation!r} needs")
+        for name in ("lr", "adaptive_threshold"):
+            if not getattr(self, name) > 0:
+                bad(name, "a number > 0")
+        for name in ("weight_decay", "warmup_lr", "min_lr", "debug_step_delay"):
+            if getattr(self, name) < 0:
+                bad(name, "a number >= 0")
+        if self.resume and self.output_dir is None:
+            bad("resume", "true only with output_dir, the folder of the run to continue")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            bad("device", "auto, cpu, cuda or cuda:N")
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build a config from a mapping, refusing keys that are not fields (a typo would be lost).
+
+        Args:
+            data: field name -> value; values are converted to the field's type ("1e-3" -> 0.001).
+            source: what to call the mapping in errors (a file name).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}; known settings: {', '.join(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
+        """Read a YAML file (a path, or the name of a packaged config), then apply ``overrides``."""
+        return cls.from_dict({**read_yaml(path), **(overrides or {})}, source=str(path))
+
+    def save_yaml(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = RUN_ONLY) -> dict[str, tuple]:
+        """Fields whose values differ, as name -> (self's value, other's value), skipping ``ignore``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """The mapping in a YAML file; a bare name like 'lora' means snella/configs/lora.yaml."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
+        path = PACKAGED_CONFIGS / f"{path}.yaml"
+    if not path.is_file():
+        packaged = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+        raise FileNotFoundError(f"config file {path} does not exist; give a YAML file or a packaged config: {packaged}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value lines), got {type(data).__name__}")
+    return data
+
+
+def parse_mapping(text: str, name: str = "value") -> dict[str, Any]:
+    """Parse 'a=1,b=x' or a YAML flow mapping '{a: 1, b: x}' into a dict with YAML-typed values."""
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        if text.startswith("{"):
+            data = yaml.safe_load(text)
+        else:
+            data = {}
+            for item in text.split(","):
+                key, sep, value = item.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(item)
+                data[key.strip()] = yaml.safe_load(value.strip())
+    except (yaml.YAMLError, ValueError) as err:
+        raise ValueError(f"{name}={text!r} is invalid; accepted: 'key=value,key=value' or '{{key: value}}' "
+                         f"({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}={text!r} is not a mapping; accepted: 'key=value,...' or '{{key: value}}'")
+    return data
+
+
+# ---------------------------------------------------------------- type conversion
+
+
+def _coerce_fields(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(config):
+        setattr(config, f.name, coerce(f.name, getattr(config, f.name), hints[f.name]))
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML / command-line value to the field type ``hint``, or raise a ValueError naming the field.
+
+    YAML 1.1 reads '1e-3' as a string, so numbers given as strings are accepted.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(name, value, next(a for a in args if a is not type(None)))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+        elif hint is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value) if isinstance(value, (int, str)) else _fail()
+        elif hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value) if isinstance(value, (int, float, str)) else _fail()
+        elif hint is str:
+            if isinstance(value, str):
+                return value
+        elif origin is list:
+            items = [value] if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+                return list(items)
+        elif origin is dict:
+            if isinstance(value, str):
+                return parse_mapping(value, name)
+            if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+                return dict(value)
+    except (TypeError, ValueError):
+        pass
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, "a list of strings" if origin is list else "a mapping" if origin is dict else str(hint))
+    raise ValueError(f"{name}={value!r} is invalid; accepted: {expected}")
+
+
+def _fail() -> Any:
+    raise TypeError
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each field's default value (the recipe of `snella finetune` with no arguments)."""
+    out = {}
+    for f in fields(TrainConfig):
+        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return out
