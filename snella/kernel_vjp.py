@@ -12,7 +12,7 @@ Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``;
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,13 +22,10 @@ from .functional import _DIST_EPS, selection_threshold
 FAST_KERNELS = ("mixed", "piecewise")
 
 
-class KernelState(NamedTuple):
-    """What the backward of the kernel needs, kept only inside one layer's backward."""
-
-    D: Tensor  # (S, P, out, in) distances
-    K: Tensor  # (S, out, in) piecewise kernel
-    soft: Optional[Tensor]  # (S, out, in) softmax of the mixed kernel, None for piecewise
-    scale: Optional[Tensor]  # (S, out, in) competition multiplier (m * mask, or max(m - t, 0)); None if dense
+def _softmax_(z: Tensor, dim: int) -> Tensor:
+    """Softmax computed in the storage of ``z`` (one (out, in) buffer fewer than ``torch.softmax``)."""
+    z.sub_(z.amax(dim, keepdim=True)).exp_()
+    return z.div_(z.sum(dim, keepdim=True))
 
 
 def _distances(A: Tensor, B: Tensor) -> Tensor:
@@ -50,13 +47,15 @@ def _batched_dot(x: Tensor, y: Tensor) -> Tensor:
 def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor],
                    beta: Optional[Tensor], kernel: str, mode: str, sparsity: Sequence[float],
                    thresholds: Optional[Tensor] = None, keep: bool = False
-                   ) -> tuple[Tensor, Tensor, Optional[KernelState]]:
+                   ) -> tuple[Tensor, Tensor, Optional[dict]]:
     """The sparse update, without autograd.
 
     Args:
         kernel: "mixed" or "piecewise". mode: "magnitude" or "soft". sparsity: one level per matrix.
         thresholds: ``(S,)`` from an earlier call (backward reuses forward's selection); computed if None.
-        keep: also return the intermediates that ``kernel_backward`` needs.
+        keep: also return the intermediates that ``kernel_backward`` needs, as a dict it consumes:
+            distances ``D (S, P, out, in)``, kernel ``K``, softmax ``soft`` (mixed) and the competition's
+            multiplier ``scale`` (None if dense), each ``(S, out, in)``.
 
     Returns:
         ``(delta (S, out, in), thresholds (S,), state or None)``.
@@ -64,16 +63,19 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
     S, P = A.shape[:2]
     D = _distances(A, B)
     K = torch.matmul(c.to(D.dtype).view(1, 1, P), D.view(S, P, -1)).view(S, *D.shape[2:])  # sum_p c_p D_p
+    if not keep:
+        del D  # forward keeps at most three (out, in) buffers alive: K/K', the softmax, the multiplier
     soft = None
     if kernel == "mixed":
-        soft = torch.softmax(K / gamma.view(S, 1, 1), dim=-2)  # over the out index, per input j
-        Kp = torch.addcmul(K, soft, alpha.view(S, 1, 1)).add_(beta.view(S, 1, 1))
+        soft = _softmax_(K / gamma.view(S, 1, 1), dim=-2)  # over the out index, per input j
+        # K' = K + alpha * soft + beta; in K's own storage unless backward needs K itself.
+        Kp = (K.addcmul_ if not keep else K.addcmul)(soft, alpha.view(S, 1, 1)).add_(beta.view(S, 1, 1))
+        if not keep:
+            del soft
     elif kernel == "piecewise":
         Kp = K  # not modified in place when kept: the competition below then makes a new tensor
     else:
         raise ValueError(f"kernel_forward handles {FAST_KERNELS}, not {kernel!r}")
-    if not keep:
-        del D, soft
     scale = None
     if any(level > 0 for level in sparsity):
         scale = Kp.abs()  # (S, out, in): m, turned in place into the competition's multiplier
@@ -96,21 +98,24 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
         delta = Kp * scale if keep else Kp.mul_(scale)
     else:
         delta = Kp
-    state = KernelState(D, K, soft, scale) if keep else None
+    state = {"D": D, "K": K, "soft": soft, "scale": scale} if keep else None
     return delta, thresholds, state
 
 
-def kernel_backward(state: KernelState, grad: Tensor, A: Tensor, B: Tensor, c: Tensor,
-                    alpha: Optional[Tensor], gamma: Optional[Tensor]
+def kernel_backward(state: dict, A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor]
                     ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of ``(A, B, alpha, gamma, beta)`` from ``grad = dL/d(delta)`` ``(S, out, in)``.
+    """Gradients of ``(A, B, alpha, gamma, beta)`` from ``state["grad"] = dL/d(delta)`` ``(S, out, in)``.
 
-    ``grad`` is consumed (overwritten in place). The competition's multiplier is treated as a
-    constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
+    ``state`` (from ``kernel_forward(keep=True)`` plus the gradient) is consumed: its tensors are
+    emptied out and overwritten in place, so each buffer is freed as soon as it is last used and the
+    backward holds at most about five (out, in) buffers. The competition's multiplier is treated as
+    a constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
     """
-    D, K, soft, scale = state
+    D, K, soft, scale, g = (state.pop(k) for k in ("D", "K", "soft", "scale", "grad"))
     S, P = A.shape[:2]
-    g = grad if scale is None else grad.mul_(scale)  # dL/dK' (S, out, in)
+    if scale is not None:
+        g.mul_(scale)  # dL/dK' (S, out, in)
+        del scale
     g_alpha = g_gamma = g_beta = None
     if soft is not None:
         # K' = K + alpha * softmax(K / gamma) + beta
@@ -119,18 +124,23 @@ def kernel_backward(state: KernelState, grad: Tensor, A: Tensor, B: Tensor, c: T
         col = t.sum(-2, keepdim=True)  # (S, 1, in): softmax's per-column inner product
         g_alpha = col.sum((-2, -1))
         t.addcmul_(soft, col, value=-1.0)  # soft * (g - col): dL/dZ divided by alpha
+        del soft
         a = alpha.view(S, 1, 1)
         gm = gamma.view(S, 1, 1)
         g_gamma = -alpha * _batched_dot(t, K) / gamma.pow(2)  # Z = K / gamma
         g.addcmul_(t, a / gm)  # dL/dK = dL/dK' + dL/dZ / gamma
         del t
+    del K
     # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||. With
     # E_p = g / D_p: dL/dB_p = c_p (B_p * rowsum(E_p) - E_p A_p), dL/dA_p = c_p (A_p * colsum(E_p) - E_p^T B_p).
-    # A column of ones appended to A and B makes each GEMM return the row/column sums as well, and
-    # c_p scales the small results instead of the large E.
-    E = g.unsqueeze(1) / D  # (S, P, out, in)
-    if D.amin() <= D.new_tensor(_DIST_EPS).sqrt():
-        E.masked_fill_(D <= D.new_tensor(_DIST_EPS).sqrt(), 0.0)  # clamped distances pass no gradient
+    # E is built in D's storage; a column of ones appended to A and B makes each GEMM return the
+    # row/column sums as well, and c_p scales the small results instead of the large E.
+    d_min = D.new_tensor(_DIST_EPS).sqrt()
+    clamped = D <= d_min if D.amin() <= d_min else None
+    E = D.reciprocal_().mul_(g.unsqueeze(1))  # (S, P, out, in)
+    del D, g
+    if clamped is not None:
+        E.masked_fill_(clamped, 0.0)  # clamped distances pass no gradient
     Ef = E.view(S * P, *E.shape[2:])
     Bf = B.reshape(S * P, B.shape[2], B.shape[3])
     Af = A.reshape(S * P, A.shape[2], A.shape[3])

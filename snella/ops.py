@@ -74,8 +74,9 @@ class LinearOp:
         return F.linear(x, w, b)
 
     def backward(self, gy: Tensor, x: Tensor, w: Tensor, need_x: bool) -> tuple[Optional[Tensor], Tensor]:
+        """``(dL/dx, dL/dW)``; ``w`` is scratch: dL/dW is written into its storage (one buffer fewer)."""
         gx = gy @ w if need_x else None  # (..., in)
-        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        gw = torch.mm(gy.reshape(-1, gy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), out=w)  # (out, in)
         return gx, gw
 
     def bias_grad(self, gy: Tensor) -> Tensor:
@@ -99,6 +100,7 @@ class Conv2dOp:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, gy: Tensor, x: Tensor, w: Tensor, need_x: bool) -> tuple[Optional[Tensor], Tensor]:
+        """``(dL/dx, dL/dW)``."""
         gx, gw, _ = torch.ops.aten.convolution_backward(
             gy, x, w, None, self.stride, self.padding, self.dilation, False, (0, 0), self.groups,
             (need_x, True, False))
@@ -169,13 +171,14 @@ class _AdaptedWeightFn(torch.autograd.Function):
             gx, gw = op.backward(gy, x.to(dtype), w, need[0])
             del w
             g_weight = gw.reshape(weight.shape).to(weight.dtype, copy=True) if weight is not None and need[1] else None
-            g_delta = gw.reshape(delta.shape).to(delta.dtype)
             if fast:
-                del delta
-                grads = kernel_backward(state, g_delta, up[0], up[1], coefficients, up[2], up[3])
+                state["grad"] = gw.reshape(delta.shape).to(delta.dtype)
+                del delta, gw  # the kernel's backward frees each buffer at its last use
+                grads = kernel_backward(state, up[0], up[1], coefficients, up[2], up[3])
                 factor_grads = [g.to(f.dtype) if (f is not None and need[4 + i] and g is not None) else None
                                 for i, (f, g) in enumerate(zip(factors, grads))]
             else:
+                g_delta = gw.reshape(delta.shape).to(delta.dtype)
                 wanted = [leaf for i, leaf in enumerate(leaves) if leaf is not None and need[4 + i]]
                 it = iter(torch.autograd.grad(delta, wanted, g_delta) if wanted else ())
                 factor_grads = [next(it).to(f.dtype) if (f is not None and need[4 + i]) else None
