@@ -177,6 +177,18 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     snella.pretrain.add_arguments(parser)
 
 
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from snella.bench.cli import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> Any:
+    from snella.bench.cli import run_bench
+
+    return run_bench(args)
+
+
 # name -> (one-line help, add its arguments, run it)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
     "finetune": (finetune.__doc__, _add_finetune_arguments, _run_finetune),
@@ -185,6 +197,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "merge": (merge.__doc__, _add_merge_arguments, _run_merge),
     "pretrain": ("Pretrain the snella-default backbone (a small ViT) on Fashion-MNIST.", _add_pretrain_arguments,
                  _run_pretrain),
+    "bench": ("Benchmarks: peak training memory, step time, accuracy suite (snella bench memory|speed|accuracy).",
+              _add_bench_arguments, _run_bench),
 }
 
 

@@ -1,4 +1,4 @@
-"""Supervised pretraining of the snella-default backbone (vit_fmnist_d128) on Fashion-MNIST, with its own small loop."""
+"""Supervised pretraining of the snella-default backbone (vit_fmnist_d128) on Fashion-MNIST: a small loop."""
 
 from __future__ import annotations
 
@@ -31,14 +31,16 @@ logger = logging.getLogger(__name__)
 MEAN, STD = 0.5, 0.5
 NUM_CLASSES = 10
 
-# The recipe of the shipped checkpoint (snella/assets/vit_fmnist_d128.json has the measured run).
-EPOCHS = 7              # ~10 min on 2 idle CPU cores (~80 s per epoch); accuracy still rises with more
-BATCH_SIZE = 256        # larger batches run faster per image on a CPU; 235 steps per epoch
-LR = 2e-3               # AdamW peak learning rate for batch 256
+# The recipe of the shipped checkpoint (snella/assets/vit_fmnist_d128.json has the measured run). Chosen on a
+# held-out 10k of the training set after one-epoch trials: on 2 CPU cores images/s is the same at batch 64
+# and 256, so the smaller batch buys 4x more steps; crop+flip augmentation cost 10 points after one epoch.
+EPOCHS = 8              # test accuracy: 5 epochs 87.6%, 8 epochs 88.3%; it still rises with more
+BATCH_SIZE = 64
+LR = 1e-3               # AdamW peak learning rate for batch 64
 WEIGHT_DECAY = 0.05     # on matrices only, not on biases, norms, pos_embed or cls_token
 WARMUP_EPOCHS = 0.5     # linear warm-up before the cosine decay: a ViT from scratch diverges without it
-LABEL_SMOOTHING = 0.1
-CROP_PAD = 2            # random crop with this padding, plus horizontal flips
+LABEL_SMOOTHING = 0.0   # smoothing makes features transfer worse (Kornblith et al. 2021); they are the product
+CROP_PAD = 2            # augment=True: random crop with this padding, plus horizontal flips
 GRAD_CLIP = 1.0
 
 
@@ -141,7 +143,7 @@ def pretrain(
     weight_decay: float = WEIGHT_DECAY,
     warmup_epochs: float = WARMUP_EPOCHS,
     label_smoothing: float = LABEL_SMOOTHING,
-    augment: bool = True,
+    augment: bool = False,
     limit: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -235,7 +237,8 @@ def pretrain(
                   warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, limit=limit,
                   model_kwargs=model_kwargs or {},
                   optimizer="AdamW(betas=(0.9, 0.999))", schedule="linear warm-up then cosine to 0, per step",
-                  grad_clip=GRAD_CLIP, augmentation=f"random crop (pad {CROP_PAD}) + horizontal flip" if augment else None,
+                  grad_clip=GRAD_CLIP,
+                  augmentation=f"random crop (pad {CROP_PAD}) + horizontal flip" if augment else None,
                   normalisation=f"(pixel / 255 - {MEAN}) / {STD}, grey replicated to 3 channels")
     summary = {
         "architecture": FMNIST_ARCH,
@@ -263,8 +266,8 @@ def _command(recipe: dict[str, Any], output: str) -> str:
     flags = [f"--epochs {recipe['epochs']}", f"--batch-size {recipe['batch_size']}", f"--lr {recipe['lr']}",
              f"--seed {recipe['seed']}", f"--weight-decay {recipe['weight_decay']}",
              f"--warmup-epochs {recipe['warmup_epochs']}", f"--label-smoothing {recipe['label_smoothing']}"]
-    if not recipe["augment"]:
-        flags.append("--no-augment")
+    if recipe["augment"]:
+        flags.append("--augment")
     if recipe["limit"] is not None:
         flags.append(f"--limit {recipe['limit']}")
     if Path(output).resolve() != SNELLA_DEFAULT_WEIGHTS:
@@ -287,8 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay on matrices")
     parser.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS, help="linear warm-up length")
     parser.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="of the cross-entropy")
-    parser.add_argument("--no-augment", dest="augment", action="store_false",
-                        help="no random crop / horizontal flip")
+    parser.add_argument("--augment", action="store_true",
+                        help="random crop (padding 2) and horizontal flip; slower to converge in a few epochs")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); results depend on it")

@@ -80,14 +80,16 @@ def test_main_reproduces_pretrain_for_a_seed_and_another_seed_differs(tiny_fmnis
     add_arguments(parser)
     first = tmp_path / "cli.safetensors"
     args = parser.parse_args(["--output", str(first), "--epochs", "1", "--batch-size", "16", "--limit", "16",
-                              "--seed", "3"])
+                              "--seed", "3", "--augment"])
     assert main(args) == 0
     assert str(first) in capsys.readouterr().out
+    command = json.loads(first.with_suffix(".json").read_text())["command"]
+    assert command.endswith(f"--augment --limit 16 --output {first}")
 
     same = tmp_path / "same.safetensors"
     other = tmp_path / "other.safetensors"
-    pretrain(str(same), epochs=1, batch_size=16, seed=3, limit=16)
-    pretrain(str(other), epochs=1, batch_size=16, seed=4, limit=16)
+    pretrain(str(same), epochs=1, batch_size=16, seed=3, limit=16, augment=True)
+    pretrain(str(other), epochs=1, batch_size=16, seed=4, limit=16, augment=True)
     a, b, c = (load_file(str(p)) for p in (first, same, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
@@ -111,8 +113,9 @@ def test_random_crop_flip_gives_a_padded_crop_of_each_image_maybe_flipped():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # a black pixel after normalisation
     seen = set()
     for i in range(len(x)):
-        matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
-                   if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy:dy + 28, dx:dx + 28]))]
+        crops = {(dy, dx): padded[i, :, dy:dy + 28, dx:dx + 28] for dy in range(5) for dx in range(5)}
+        matches = [(dy, dx, flip) for (dy, dx), crop in crops.items() for flip in (False, True)
+                   if torch.equal(out[i], crop.flip(-1) if flip else crop)]
         assert matches, f"image {i} is no crop of its padded input"
         seen.update(matches)
     # 64 draws of 50 equally likely outcomes: both flips and offsets at both ends appear

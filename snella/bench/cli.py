@@ -1,0 +1,125 @@
+"""`snella bench memory|speed|accuracy`: the benchmark subcommands, one typed function each, and their arguments.
+
+Registered in snella/cli.py's COMMANDS as ``"bench": (BENCH_HELP, add_bench_arguments, run_bench)``.
+Importing this module is cheap: torch and timm load only when a benchmark runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, Optional, Sequence
+
+BENCH_HELP = "Benchmarks: peak memory and step time per method (memory, speed), accuracy on a VTAB-style suite."
+DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
+
+
+def memory(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
+           steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
+           image_size: int = 224, device: str = "cpu") -> list[dict]:
+    """Peak training memory of every method, each in its own process (also records step time)."""
+    from snella.bench.memory_speed import run_suite
+    from snella.bench.worker import METHODS
+
+    return run_suite(models=models, batches=batches, methods=methods or METHODS, output_dir=output_dir, steps=steps,
+                     rank=rank, sparsity=sparsity, image_size=image_size, device=device)
+
+
+def speed(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
+          steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
+          image_size: int = 224, device: str = "cpu") -> list[dict]:
+    """Training-step time of every method, each in its own process (the same runs as memory: both are written)."""
+    return memory(models, batches, methods, steps, output_dir, rank, sparsity, image_size, device)
+
+
+def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbones: Optional[Sequence[str]] = None,
+             methods: Optional[Sequence[str]] = None, epochs: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
+             workers: int = 2, output_dir: str = "bench/results", command: str = "") -> dict[str, Any]:
+    """Test accuracy of every method on the VTAB-style suite (lr chosen on val, 3 seeds), both backbones."""
+    from snella.bench.accuracy import SuiteConfig, quick_config, run_suite
+
+    overrides = {k: v for k, v in dict(tasks=tasks, backbones=backbones, methods=methods, epochs=epochs,
+                                       seeds=tuple(seeds) if seeds else None).items() if v is not None}
+    overrides.update(workers=workers, output_dir=output_dir)
+    config = quick_config(**overrides) if quick else SuiteConfig(**overrides)
+    return run_suite(config, command=command)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _add_memory_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
+                        help=f"timm model names (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8], metavar="N", help="batch sizes (default: 8)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                        help="methods of snella.bench.worker.METHODS (default: all)")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per run (default: 3)")
+    parser.add_argument("--rank", type=int, default=32, help="rank of SNELL/SNELLA; LoRA's is in its name (default: 32)")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="sparsity of SNELL/SNELLA (default: 0.8)")
+    parser.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: 224)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--output-dir", default="bench/results",
+                        help="where the CSV, tables and chart go (default: bench/results)")
+
+
+def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
+    from snella.bench.accuracy import BACKBONES, METHODS
+    from snella.bench.tasks import TASKS
+
+    parser.add_argument("--quick", action="store_true", help="a reduced suite (2 tasks, small splits, 2 epochs, "
+                        "2 seeds) that runs in a few minutes")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), metavar="TASK",
+                        help=f"tasks to run (default: all: {', '.join(TASKS)})")
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), metavar="NAME",
+                        help=f"backbones (default: all: {', '.join(BACKBONES)})")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="NAME",
+                        help=f"methods (default: all: {', '.join(METHODS)})")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: 5; --quick: 2)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of the final runs (default: 0 1 2; --quick: 0 1)")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained in parallel, one process (and one "
+                        "thread) each (default: 2)")
+    parser.add_argument("--output-dir", default="bench/results",
+                        help="where the CSV, markdown and JSON go (default: bench/results)")
+
+
+BENCH_COMMANDS = {
+    "memory": (memory.__doc__, _add_memory_speed_arguments),
+    "speed": (speed.__doc__, _add_memory_speed_arguments),
+    "accuracy": (accuracy.__doc__, _add_accuracy_arguments),
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give the `bench` parser its subcommands (memory, speed, accuracy) and their arguments."""
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", title="benchmarks", required=True)
+    for name, (help_text, add_arguments) in BENCH_COMMANDS.items():
+        child = sub.add_parser(name, help=(help_text or "").strip().splitlines()[0], description=help_text)
+        add_arguments(child)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args.bench_command`` with the parsed arguments; returns the exit status."""
+    if args.bench_command in ("memory", "speed"):
+        run = memory if args.bench_command == "memory" else speed
+        run(args.models, args.batches, args.methods, args.steps, args.output_dir, args.rank, args.sparsity,
+            args.image_size, args.device)
+        return 0
+    argv = sys.argv[1:]
+    argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`
+    result = accuracy(args.quick, args.tasks, args.backbones, args.methods, args.epochs, args.seeds, args.workers,
+                      args.output_dir, command="snella bench " + shlex.join(argv))
+    print(result["files"][1].read_text())
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m snella.bench.cli accuracy ...`: the bench commands without the main CLI."""
+    parser = argparse.ArgumentParser(prog="snella bench", description=BENCH_HELP)
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
