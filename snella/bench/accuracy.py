@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
@@ -63,6 +64,38 @@ class Backbone:
 
             return create_effnet_lite0(num_classes, pretrained=pretrained)
         raise ValueError(f"unknown backbone {self.name!r}; accepted: {', '.join(BACKBONES)}")
+
+    def weights_file(self) -> Path:
+        """The file the pretrained weights come from."""
+        if self.name == "vit":
+            from snella.backbones import SNELLA_DEFAULT_WEIGHTS
+
+            return SNELLA_DEFAULT_WEIGHTS
+        from snella.bench.effnet import weights_path
+
+        return weights_path()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pretrained weights without the head, read once, and the sha256 of their file.
+
+        Every run of a suite starts from this snapshot, so that a weight file replaced while the suite
+        runs cannot mix two backbones into one table.
+        """
+        model = self.build(1)
+        head = model.pretrained_cfg["classifier"]
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+        digest = hashlib.sha256(self.weights_file().read_bytes()).hexdigest()
+        return {"state": state, "sha256": digest, "file": str(self.weights_file())}
+
+    def from_snapshot(self, num_classes: int, snapshot: dict[str, Any]):
+        """The architecture with the snapshot's weights and a freshly initialised head of ``num_classes``."""
+        model = self.build(num_classes, pretrained=False)
+        result = model.load_state_dict(snapshot["state"], strict=False)
+        head = model.pretrained_cfg["classifier"]
+        if result.unexpected_keys or any(not k.startswith(head + ".") for k in result.missing_keys):
+            raise ValueError(f"the {self.name} snapshot does not fit: missing {result.missing_keys[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+        return model
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -185,7 +218,7 @@ def _tensors(split: Split, classes: Sequence[str], backbone: Backbone, name: str
 def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train: "TensorLabeledDataset",
                     score: "TensorLabeledDataset", epochs: int,
                     batch_size: int, warmup_epochs: int = 1, weight_decay: float = 1e-4,
-                    save_adapter: bool = False, pretrained: bool = True) -> dict[str, Any]:
+                    save_adapter: bool = False, snapshot: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Fine-tune ``backbone`` on ``train`` with one method and return its accuracy on ``score``.
 
     The loop of `snella finetune` without its files: AdamW, warm-up then cosine per step, the seeded
@@ -199,7 +232,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
         train, score: TensorLabeledDatasets (images already transformed).
         epochs, batch_size, warmup_epochs, weight_decay: the recipe.
         save_adapter: also save the adapter with the method's own ``save`` and report its size.
-        pretrained: False for random backbone weights (tests).
+        snapshot: the pretrained weights (``Backbone.snapshot``); None: random weights (tests).
 
     Returns:
         accuracy, trainable_params, adapter_bytes (None unless ``save_adapter``), seconds.
@@ -221,7 +254,10 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
                          weight_decay=weight_decay, seed=seed, progress=False,
                          target_modules=list(backbone.target_modules) if backbone.target_modules else None)
     torch.manual_seed(seed)  # the new head
-    model = backbone.build(train.num_classes, pretrained)
+    if snapshot is None:
+        model = backbone.build(train.num_classes, pretrained=False)
+    else:
+        model = backbone.from_snapshot(train.num_classes, snapshot)
     torch.manual_seed(seed)  # the adapter
     runner = get_method(config.method)
     model = runner.apply(config, model)
@@ -266,6 +302,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
 
 # Filled by the parent before the worker processes fork, so the workers share these tensors.
 _DATA: dict[tuple[str, str], dict[str, Any]] = {}
+_SNAPSHOTS: dict[str, Optional[dict[str, Any]]] = {}
 _SETTINGS: dict[str, Any] = {}
 
 
@@ -290,7 +327,7 @@ def _run_job(job: Job) -> dict[str, Any]:
     train, score = ("train", "val") if job.phase == "sweep" else ("trainval", "test")
     result = train_and_score(BACKBONES[job.backbone], job.method, job.lr, job.seed, data[train], data[score],
                              _SETTINGS["epochs"], _SETTINGS["batch_size"], _SETTINGS["warmup_epochs"],
-                             _SETTINGS["weight_decay"], job.save_adapter, _SETTINGS["pretrained"])
+                             _SETTINGS["weight_decay"], job.save_adapter, _SNAPSHOTS[job.backbone])
     return {**dataclasses.asdict(job), "group": data["group"], "train_split": train, "score_split": score,
             "train_images": data["sizes"][train], "score_images": data["sizes"][score], **result}
 
@@ -451,8 +488,11 @@ def run_suite(config: SuiteConfig, log: Callable[[str], None] = print, command: 
     start = time.perf_counter()
     _DATA.clear()
     _DATA.update(_prepare(config, log))
+    _SNAPSHOTS.clear()
+    _SNAPSHOTS.update({b: BACKBONES[b].snapshot() if config.pretrained else None for b in config.backbones})
+    weights = {b: {"file": s["file"], "sha256": s["sha256"]} for b, s in _SNAPSHOTS.items() if s is not None}
     _SETTINGS.update(epochs=config.epochs, batch_size=config.batch_size, warmup_epochs=config.warmup_epochs,
-                     weight_decay=config.weight_decay, pretrained=config.pretrained)
+                     weight_decay=config.weight_decay)
     combos = [(b, t, m) for b in config.backbones for t in config.tasks for m in config.methods]
 
     # ---- phase 1: the learning-rate sweep, trained on train, scored on val
@@ -476,6 +516,8 @@ def run_suite(config: SuiteConfig, log: Callable[[str], None] = print, command: 
               f"{list(config.seeds)}; lr chosen per task on val; mean = mean of the group means; trainable params "
               "and adapter size (the method's saved files) are means over the tasks, whose heads differ.", "",
               f"Settings: {json.dumps(settings)}", "",
+              "Weights: " + ("; ".join(f"{b} {w['file']} (sha256 {w['sha256'][:16]})" for b, w in weights.items())
+                             or "random (pretrained=False)"), "",
               "Methods: " + "; ".join(f"{m} {json.dumps(METHODS[m].settings)} lrs "
                                       + ", ".join(f"{b} {list(config.lrs(b, m))}" for b in config.backbones)
                                       for m in config.methods), ""]
@@ -486,7 +528,7 @@ def run_suite(config: SuiteConfig, log: Callable[[str], None] = print, command: 
     md_path = out / f"{tag}.md"
     md_path.write_text("\n".join(header) + "\n\n" + markdown(summaries, chosen) + "\n")
     json_path = out / f"{tag}.json"
-    json_path.write_text(json.dumps({"settings": settings, "summaries": summaries, "goal": goal,
+    json_path.write_text(json.dumps({"settings": settings, "weights": weights, "summaries": summaries, "goal": goal,
                                      "chosen_lrs": {"/".join(k): v for k, v in chosen.items()},
                                      "wall_seconds": wall}, indent=1))
     log(f"wrote {csv_path}, {md_path} and {json_path} in {wall / 60:.1f} min")

