@@ -3,27 +3,45 @@ weight-level competition: the hot path of every adapted layer.
 
 Autograd through ``functional.mixed_kernel`` + ``sparsify`` works, but it allocates a fresh (out, in)
 tensor for every elementwise op and keeps them all until backward ends. These functions compute the
-same values and gradients with in-place ops, GEMM-shaped reductions and a handful of live (out, in)
-buffers, which roughly halves the kernel's share of a training step on CPU. ``tests/test_ops.py``
-checks them against plain autograd on the formulas of ``functional.py``.
+same values and gradients a block of input columns at a time:
+
+- every entry of the kernel depends on one column's factors, and the mixed kernel's softmax runs down
+  each column, so a block of columns is computed (and differentiated) on its own;
+- a block holds about ``BLOCK_ELEMENTS`` entries, so the temporaries are that small, whatever the
+  size of the matrix;
+- the only full-size buffer is the update itself (the caller's weight buffer, written in place), and
+  in backward the caller's ``dL/d(dW)``: nothing else as large as the matrix is ever allocated.
+
+The competition's threshold is global to a matrix: the forward selects it on the finished update
+(``functional.selection_threshold``, itself a sampled pass in pieces), and the backward reuses it.
+``tests/test_ops.py`` checks all of this against plain autograd on the formulas of ``functional.py``.
 
 Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``; updates ``(S, out, in)``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .functional import _DIST_EPS, selection_threshold
+from .functional import _DIST_EPS, PASS_CHUNK, selection_threshold
 
 FAST_KERNELS = ("mixed", "piecewise")
+# Entries of the (S, P, out, block) distance tensor of one block (4 MiB of float32): large enough that
+# the per-op overhead of a block is negligible, small enough that the block's temporaries are a
+# fraction of a ViT-B MLP matrix's.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def block_width(S: int, P: int, n_out: int, n_in: int) -> int:
+    """Columns per block: as many as keep the block's distance tensor near ``BLOCK_ELEMENTS``."""
+    return max(1, min(n_in, BLOCK_ELEMENTS // max(1, S * P * n_out)))
 
 
 def _softmax_(z: Tensor, dim: int) -> Tensor:
-    """Softmax computed in the storage of ``z`` (one (out, in) buffer fewer than ``torch.softmax``)."""
+    """Softmax computed in the storage of ``z``."""
     z.sub_(z.amax(dim, keepdim=True)).exp_()
     return z.div_(z.sum(dim, keepdim=True))
 
@@ -44,110 +62,173 @@ def _batched_dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(S, 1, -1), y.reshape(S, -1, 1)).view(S)
 
 
+def _block_kernel(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor],
+                  beta: Optional[Tensor], kernel: str, keep: bool
+                  ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor, Optional[Tensor]]]]:
+    """The dense kernel ``K'`` of a block of columns (``A`` holds the block's rows), ``(S, out, nb)``.
+
+    With ``keep``, also ``(D (S, P, out, nb), K (S, out, nb), soft (S, out, nb) or None)``: what the
+    backward of the block needs.
+    """
+    S, P = A.shape[:2]
+    D = _distances(A, B)  # (S, P, out, nb)
+    K = torch.matmul(c.to(D.dtype).view(1, 1, P), D.view(S, P, -1)).view(S, *D.shape[2:])  # sum_p c_p D_p
+    soft = None
+    if kernel == "mixed":
+        soft = _softmax_(K / gamma.view(S, 1, 1), dim=-2)  # over the out index, per input column
+        # K' = K + alpha * soft + beta; in K's own storage unless backward needs K itself.
+        Kp = (K.addcmul if keep else K.addcmul_)(soft, alpha.view(S, 1, 1)).add_(beta.view(S, 1, 1))
+    elif kernel == "piecewise":
+        Kp = K
+    else:
+        raise ValueError(f"kernel_vjp handles {FAST_KERNELS}, not {kernel!r}")
+    return Kp, ((D, K, soft) if keep else None)
+
+
+def _multiplier_(m: Tensor, threshold, mode: str) -> Tensor:
+    """Turn ``m = |K'|`` of one matrix, in place, into the competition's multiplier (detached).
+
+    ``threshold`` is a float (CPU: one fused pass) or a 0-d tensor (accelerators: no host sync).
+    """
+    if mode == "magnitude":  # m * 1[m > t]
+        if isinstance(threshold, float):
+            return torch.nn.functional.threshold_(m, threshold, 0.0)
+        return m.masked_fill_(m <= threshold, 0.0)
+    return m.sub_(threshold).clamp_(min=0.0)  # soft: max(m - t, 0)
+
+
+def _per_matrix(thresholds: Tensor) -> list:
+    """The thresholds as the passes take them: Python floats on CPU (one host copy), 0-d tensors elsewhere."""
+    if thresholds.device.type == "cpu":
+        return [float(t) for t in thresholds.tolist()]
+    return list(thresholds.unbind(0))
+
+
 def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor],
                    beta: Optional[Tensor], kernel: str, mode: str, sparsity: Sequence[float],
-                   thresholds: Optional[Tensor] = None, keep: bool = False
-                   ) -> tuple[Tensor, Tensor, Optional[dict]]:
-    """The sparse update, without autograd.
+                   thresholds: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                   base: Optional[Tensor] = None, keep: bool = False
+                   ) -> tuple[Tensor, Tensor, Optional[tuple]]:
+    """The sparse update (plus ``base`` if given), without autograd.
 
     Args:
         kernel: "mixed" or "piecewise". mode: "magnitude" or "soft". sparsity: one level per matrix.
         thresholds: ``(S,)`` from an earlier call (backward reuses forward's selection); computed if None.
-        keep: also return the intermediates that ``kernel_backward`` needs, as a dict it consumes:
-            distances ``D (S, P, out, in)``, kernel ``K``, softmax ``soft`` (mixed) and the competition's
-            multiplier ``scale`` (None if dense), each ``(S, out, in)``.
+        out: ``(S, out, in)`` contiguous buffer of the factors' dtype to write into (e.g. the layer's
+            scratch weight); allocated if None.
+        base: ``(S, out, in)`` added to the result (the frozen weight, for the fused path).
+        keep: when the matrix is a single block, also return that block's intermediates, which
+            ``kernel_backward`` then uses instead of computing them a second time (small matrices).
 
     Returns:
-        ``(delta (S, out, in), thresholds (S,), state or None)``.
+        ``(out (S, out, in), thresholds (S,), state or None)``: ``sparsify(K') + base``; thresholds
+        NaN for dense matrices.
     """
-    S, P = A.shape[:2]
-    D = _distances(A, B)
-    K = torch.matmul(c.to(D.dtype).view(1, 1, P), D.view(S, P, -1)).view(S, *D.shape[2:])  # sum_p c_p D_p
-    if not keep:
-        del D  # forward keeps at most three (out, in) buffers alive: K/K', the softmax, the multiplier
-    soft = None
-    if kernel == "mixed":
-        soft = _softmax_(K / gamma.view(S, 1, 1), dim=-2)  # over the out index, per input j
-        # K' = K + alpha * soft + beta; in K's own storage unless backward needs K itself.
-        Kp = (K.addcmul_ if not keep else K.addcmul)(soft, alpha.view(S, 1, 1)).add_(beta.view(S, 1, 1))
-        if not keep:
-            del soft
-    elif kernel == "piecewise":
-        Kp = K  # not modified in place when kept: the competition below then makes a new tensor
-    else:
-        raise ValueError(f"kernel_forward handles {FAST_KERNELS}, not {kernel!r}")
-    scale = None
-    if any(level > 0 for level in sparsity):
-        scale = Kp.abs()  # (S, out, in): m, turned in place into the competition's multiplier
+    S, P, n_in, _ = A.shape
+    n_out = B.shape[2]
+    if out is None:
+        out = torch.empty((S, n_out, n_in), dtype=A.dtype, device=A.device)
+    nb = block_width(S, P, n_out, n_in)
+    keep = keep and nb >= n_in
+    state = None
+    for j in range(0, n_in, nb):
+        Kp, parts = _block_kernel(A[:, :, j:j + nb], B, c, alpha, gamma, beta, kernel, keep=keep)
+        out[:, :, j:j + nb] = Kp  # (S, out, nb)
+        if keep:
+            state = (Kp, *parts)
     if thresholds is None:
-        thresholds = torch.full((S,), float("nan"), device=A.device, dtype=Kp.dtype)
+        thresholds = torch.full((S,), float("nan"), device=A.device, dtype=out.dtype)
         for s, level in enumerate(sparsity):
             if level > 0:
-                thresholds[s] = selection_threshold(scale[s], level, mode)
-    if scale is not None:
-        for s, level in enumerate(sparsity):
-            if level == 0:
-                scale[s].fill_(1.0)
-            elif mode == "magnitude":  # m * 1[m > t]
-                if scale.device.type == "cpu":
-                    torch.nn.functional.threshold_(scale[s], float(thresholds[s]), 0.0)  # one pass
-                else:  # no host sync on accelerators
-                    scale[s].masked_fill_(scale[s] <= thresholds[s], 0.0)
-            else:
-                scale[s].sub_(thresholds[s]).clamp_(min=0.0)  # max(m - t, 0)
-        delta = Kp * scale if keep else Kp.mul_(scale)
-    else:
-        delta = Kp
-    state = {"D": D, "K": K, "soft": soft, "scale": scale} if keep else None
-    return delta, thresholds, state
+                thresholds[s] = selection_threshold(out[s], level, mode, absolute=True)
+    levels = _per_matrix(thresholds)
+    for s, level in enumerate(sparsity):
+        flat = out[s].view(-1)
+        base_flat = None if base is None else base[s].reshape(-1)
+        for i in range(0, flat.numel(), PASS_CHUNK):  # one pass in cache-sized pieces
+            piece = flat[i:i + PASS_CHUNK]
+            if level > 0:
+                piece.mul_(_multiplier_(piece.abs(), levels[s], mode))
+            if base_flat is not None:
+                piece.add_(base_flat[i:i + PASS_CHUNK])
+    return out, thresholds, state
 
 
-def kernel_backward(state: dict, A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor]
-                    ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of ``(A, B, alpha, gamma, beta)`` from ``state["grad"] = dL/d(delta)`` ``(S, out, in)``.
+def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor],
+                    gamma: Optional[Tensor], beta: Optional[Tensor], kernel: str, mode: str,
+                    sparsity: Sequence[float], thresholds: Tensor, state: Optional[tuple] = None,
+                    block_hook: Optional[Callable[[int, Tensor], None]] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``(A, B, alpha, gamma, beta)`` from ``grad = dL/d(delta)`` ``(S, out, in)``.
 
-    ``state`` (from ``kernel_forward(keep=True)`` plus the gradient) is consumed: its tensors are
-    emptied out and overwritten in place, so each buffer is freed as soon as it is last used and the
-    backward holds at most about five (out, in) buffers. The competition's multiplier is treated as
-    a constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
+    Each block of columns recomputes its kernel (the forward's selection ``thresholds`` is reused) and
+    is differentiated on its own; ``grad`` is only read. ``state``: the single block's intermediates
+    from ``kernel_forward(keep=True)``, used instead of recomputing them. ``block_hook(j, delta)``, if
+    given, receives each block's sparse update (columns ``j:j + nb``, ``(S, out, nb)``) while it is at
+    hand: the caller's input gradient then needs no full-size update of its own. The competition's multiplier is treated as a
+    constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
     """
-    D, K, soft, scale, g = (state.pop(k) for k in ("D", "K", "soft", "scale", "grad"))
-    S, P = A.shape[:2]
-    if scale is not None:
-        g.mul_(scale)  # dL/dK' (S, out, in)
-        del scale
-    g_alpha = g_gamma = g_beta = None
-    if soft is not None:
-        # K' = K + alpha * softmax(K / gamma) + beta
-        g_beta = g.sum((-2, -1))
-        t = g * soft  # (S, out, in)
-        col = t.sum(-2, keepdim=True)  # (S, 1, in): softmax's per-column inner product
-        g_alpha = col.sum((-2, -1))
-        t.addcmul_(soft, col, value=-1.0)  # soft * (g - col): dL/dZ divided by alpha
-        del soft
-        a = alpha.view(S, 1, 1)
-        gm = gamma.view(S, 1, 1)
-        g_gamma = -alpha * _batched_dot(t, K) / gamma.pow(2)  # Z = K / gamma
-        g.addcmul_(t, a / gm)  # dL/dK = dL/dK' + dL/dZ / gamma
-        del t
-    del K
-    # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||. With
-    # E_p = g / D_p: dL/dB_p = c_p (B_p * rowsum(E_p) - E_p A_p), dL/dA_p = c_p (A_p * colsum(E_p) - E_p^T B_p).
-    # E is built in D's storage; a column of ones appended to A and B makes each GEMM return the
-    # row/column sums as well, and c_p scales the small results instead of the large E.
-    d_min = D.new_tensor(_DIST_EPS).sqrt()
-    clamped = D <= d_min if D.amin() <= d_min else None
-    E = D.reciprocal_().mul_(g.unsqueeze(1))  # (S, P, out, in)
-    del D, g
-    if clamped is not None:
-        E.masked_fill_(clamped, 0.0)  # clamped distances pass no gradient
-    Ef = E.view(S * P, *E.shape[2:])
-    Bf = B.reshape(S * P, B.shape[2], B.shape[3])
-    Af = A.reshape(S * P, A.shape[2], A.shape[3])
-    EA = torch.bmm(Ef, torch.cat([Af, Af.new_ones(Af.shape[:2] + (1,))], -1))  # (S*P, out, d+1)
-    EB = torch.bmm(Ef.transpose(1, 2), torch.cat([Bf, Bf.new_ones(Bf.shape[:2] + (1,))], -1))  # (S*P, in, d+1)
-    del E, Ef
+    S, P, n_in, d = A.shape
+    n_out = B.shape[2]
+    nb = block_width(S, P, n_out, n_in)
+    levels = _per_matrix(thresholds)
+    sparse = [level > 0 for level in sparsity]
     cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
+    Bf = B.reshape(S * P, n_out, d)
+    B1 = torch.cat([Bf, Bf.new_ones(S * P, n_out, 1)], -1)  # (S*P, out, d+1): the ones give column sums
+    EA = A.new_zeros(S * P, n_out, d + 1)  # sum over columns j of E[i, j] [A[j], 1]
+    g_A = torch.empty_like(A)
+    mixed = kernel == "mixed"
+    g_alpha = A.new_zeros(S) if mixed else None
+    g_gamma = A.new_zeros(S) if mixed else None
+    g_beta = A.new_zeros(S) if mixed else None
+    d_min = A.new_tensor(_DIST_EPS).sqrt()
+    for j in range(0, n_in, nb):
+        A_blk = A[:, :, j:j + nb]  # (S, P, nb, d)
+        if state is not None:
+            Kp, D, K, soft = state
+            state = None
+        else:
+            Kp, (D, K, soft) = _block_kernel(A_blk, B, c, alpha, gamma, beta, kernel, keep=True)
+        g = grad[:, :, j:j + nb].contiguous()  # (S, out, nb): dL/d(delta)
+        if any(sparse):
+            m = Kp.abs()
+            for s in range(S):
+                if sparse[s]:
+                    g[s].mul_(_multiplier_(m[s], levels[s], mode))  # dL/dK'
+                else:
+                    m[s].fill_(1.0)
+            if block_hook is not None:
+                block_hook(j, Kp.mul_(m))  # the block's sparse update
+            del m
+        elif block_hook is not None:
+            block_hook(j, Kp)
+        del Kp
+        if mixed:
+            # K' = K + alpha * softmax(K / gamma) + beta
+            g_beta += g.sum((-2, -1))
+            t = g * soft  # (S, out, nb)
+            col = t.sum(-2, keepdim=True)  # (S, 1, nb): softmax's per-column inner product
+            g_alpha += col.sum((-2, -1))
+            t.addcmul_(soft, col, value=-1.0)  # soft * (g - col): dL/dZ divided by alpha
+            del soft
+            g_gamma -= alpha * _batched_dot(t, K) / gamma.pow(2)  # Z = K / gamma
+            g.addcmul_(t, (alpha / gamma).view(S, 1, 1))  # dL/dK = dL/dK' + dL/dZ / gamma
+            del t
+        del K
+        # K = sum_p c_p ||B_p[i] - A_p[j]||: dL/dD_p = c_p g; d||b - a|| = (b - a) / ||b - a||. With
+        # E_p = g / D_p: dL/dB_p = c_p (B_p * rowsum(E_p) - E_p A_p), dL/dA_p = c_p (A_p * colsum(E_p) - E_p^T B_p).
+        # A column of ones appended to A and B makes each GEMM return the row/column sums as well, and
+        # c_p scales the small results instead of the large E.
+        clamped = D <= d_min if D.amin() <= d_min else None
+        E = D.reciprocal_().mul_(g.unsqueeze(1))  # (S, P, out, nb), in D's storage
+        del D, g
+        if clamped is not None:
+            E.masked_fill_(clamped, 0.0)  # clamped distances pass no gradient
+        Ef = E.view(S * P, n_out, -1)
+        Af = A_blk.reshape(S * P, -1, d)
+        EA.baddbmm_(Ef, torch.cat([Af, Af.new_ones(Af.shape[:2] + (1,))], -1))  # (S*P, out, d+1)
+        EB = torch.bmm(Ef.transpose(1, 2), B1)  # (S*P, nb, d+1)
+        del E, Ef
+        g_A[:, :, j:j + nb] = ((Af * EB[..., -1:] - EB[..., :-1]) * cp).view(A_blk.shape)
     g_B = (Bf * EA[..., -1:] - EA[..., :-1]) * cp  # (S*P, out, d)
-    g_A = (Af * EB[..., -1:] - EB[..., :-1]) * cp  # (S*P, in, d)
-    return g_A.view(A.shape), g_B.view(B.shape), g_alpha, g_gamma, g_beta
+    return g_A, g_B.view(B.shape), g_alpha, g_gamma, g_beta

@@ -118,6 +118,76 @@ def _autocast_dtype(x: Tensor, default: torch.dtype) -> torch.dtype:
     return default
 
 
+def _direct(dtype: torch.dtype, A: Tensor, weight: Optional[Tensor]) -> bool:
+    """Whether the op runs in the kernel's own dtype, so the update can be built in the weight buffer."""
+    return dtype == _up(A).dtype and (weight is None or weight.dtype == dtype)
+
+
+def _linear_backward_blocked(ctx, gy: Tensor, need: Sequence[bool]) -> tuple:
+    """Backward of a linear layer with a fast kernel, without any full-size weight.
+
+    ``dL/dW = gy^T x`` is the one (out, in) buffer (full fine-tuning forms it too). The kernel's
+    backward then recomputes the update a block of columns at a time and hands each block here, where
+    it gives its columns of ``dL/dx = gy (W0 + dW)``: the kernel runs twice per step in all.
+    """
+    x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = ctx.saved_tensors
+    spec = ctx.spec
+    factors = (A, B, alpha, gamma, beta)
+    S, n_in = A.shape[0], A.shape[2]
+    gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)  # (N, out)
+    x2 = x.reshape(-1, n_in)  # (N, in)
+    gw = torch.mm(gy2.t(), x2)  # (out, in): dL/d(W0 + dW)
+    g_weight = gw.to(weight.dtype, copy=True) if weight is not None and need[1] else None
+    gx = gy2.new_empty(gy2.shape[0], n_in) if need[0] else None  # (N, in)
+
+    def input_grad(j: int, delta: Tensor) -> None:  # delta: (S, out_s, nb) columns j:j+nb of dW
+        w = delta.reshape(-1, delta.shape[-1])  # (out, nb)
+        if weight is not None:
+            w = w.add_(weight[:, j:j + w.shape[1]])
+        gx[:, j:j + w.shape[1]] = gy2 @ w  # (N, nb)
+
+    up = [_up(f) for f in factors]
+    grads = kernel_backward(gw.view(S, -1, n_in), up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
+                            spec.sparsity, thresholds, block_hook=input_grad if gx is not None else None)
+    factor_grads = [g.to(f.dtype) if (f is not None and need[4 + i] and g is not None) else None
+                    for i, (f, g) in enumerate(zip(factors, grads))]
+    g_bias = gy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
+    g_x = gx.view(x.shape).to(x.dtype) if gx is not None else None
+    return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None)
+
+
+def _weight(op, spec: DeltaSpec, weight: Optional[Tensor], coefficients: Optional[Tensor], A: Tensor, B: Tensor,
+            alpha: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor], dtype: torch.dtype,
+            thresholds: Optional[Tensor] = None, keep: bool = False) -> tuple[Tensor, Tensor, Optional[tuple]]:
+    """The weight the op runs with, ``W0 + dW`` (``dW`` alone if ``weight`` is None), in ``dtype``.
+
+    With the fast kernels and float32 everywhere, ``dW`` is built in the weight buffer itself and
+    ``W0`` added in the same pass: the one full-size tensor of the layer. Returns ``(w, thresholds,
+    state)``; ``state`` (fast kernels, ``keep``, single-block matrices) goes to ``kernel_backward``.
+    """
+    S, P, n_in = A.shape[:3]
+    n_out = S * B.shape[2]
+    shape = op.weight_shape(n_out, n_in)
+    if spec.kernel in FAST_KERNELS:
+        up = [_up(f) for f in (A, B, alpha, gamma, beta)]
+        direct = _direct(dtype, A, weight)
+        out = torch.empty(shape, dtype=up[0].dtype, device=A.device).view(S, -1, n_in) if direct else None
+        base = weight.reshape(S, -1, n_in) if (direct and weight is not None) else None
+        delta, thresholds, state = kernel_forward(up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
+                                                  spec.sparsity, thresholds=thresholds, out=out, base=base,
+                                                  keep=keep)
+        if direct:
+            return delta.view(shape), thresholds, state
+    else:
+        delta, thresholds = spec.delta(A, B, coefficients, alpha, gamma, beta, thresholds)  # (S, out_s, in)
+        state = None
+    w = delta.reshape(shape).to(dtype)
+    del delta
+    if weight is not None:
+        w.add_(weight.to(dtype))
+    return w, thresholds, state
+
+
 class _AdaptedWeightFn(torch.autograd.Function):
     """``y = op(x, W0 + dW(factors)) + b`` (fused path) or ``op(x, dW(factors))`` (``W0 = None``).
 
@@ -133,15 +203,7 @@ class _AdaptedWeightFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            if spec.kernel in FAST_KERNELS:
-                delta, thresholds, _ = kernel_forward(_up(A), _up(B), coefficients, _up(alpha), _up(gamma),
-                                                      _up(beta), spec.kernel, spec.mode, spec.sparsity)
-            else:
-                delta, thresholds = spec.delta(A, B, coefficients, alpha, gamma, beta)  # (S, out_s, in)
-            w = delta.reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
-            del delta
-            if weight is not None:
-                w.add_(weight.to(dtype))
+            w, thresholds, _ = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype)
             y = op.forward(x.to(dtype), w, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds)
         ctx.op, ctx.spec, ctx.dtype = op, spec, dtype
@@ -155,26 +217,31 @@ class _AdaptedWeightFn(torch.autograd.Function):
         factors = (A, B, alpha, gamma, beta)
         fast = spec.kernel in FAST_KERNELS
         with torch.autocast(x.device.type, enabled=False):
+            if fast and isinstance(op, LinearOp) and _direct(dtype, A, weight):
+                return _linear_backward_blocked(ctx, gy, need)
             if fast:  # hand-derived backward (kernel_vjp.py): no autograd graph over (out, in) tensors
-                up = [_up(f) for f in factors]
-                delta, _, state = kernel_forward(up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
-                                                 spec.sparsity, thresholds=thresholds, keep=True)
+                w, _, state = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype, thresholds,
+                                      keep=True)
             else:
                 with torch.enable_grad():
                     leaves = [None if f is None else f.detach().requires_grad_(need[4 + i])
                               for i, f in enumerate(factors)]
                     delta, _ = spec.delta(*leaves[:2], coefficients, *leaves[2:], thresholds=thresholds)
-            w = delta.detach().reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
-            if weight is not None:
-                w.add_(weight.to(dtype))
+                w = delta.detach().reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(dtype)
+                if weight is not None:
+                    w.add_(weight.to(dtype))
             gy = gy.to(dtype)
-            gx, gw = op.backward(gy, x.to(dtype), w, need[0])
+            gx, gw = op.backward(gy, x.to(dtype), w, need[0])  # gw is written into w's storage
             del w
             g_weight = gw.reshape(weight.shape).to(weight.dtype, copy=True) if weight is not None and need[1] else None
+            S = A.shape[0]
             if fast:
-                state["grad"] = gw.reshape(delta.shape).to(delta.dtype)
-                del delta, gw  # the kernel's backward frees each buffer at its last use
-                grads = kernel_backward(state, up[0], up[1], coefficients, up[2], up[3])
+                up = [_up(f) for f in factors]
+                g_delta = gw.reshape(S, -1, A.shape[2]).to(up[0].dtype)  # (S, out_s, in)
+                del gw
+                grads = kernel_backward(g_delta, up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
+                                        spec.sparsity, thresholds, state)
+                del state
                 factor_grads = [g.to(f.dtype) if (f is not None and need[4 + i] and g is not None) else None
                                 for i, (f, g) in enumerate(zip(factors, grads))]
             else:

@@ -20,7 +20,9 @@ from snella.data import load_dataset
 from snella.training import distributed as distrib
 from snella.training.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from snella.training.config import TrainConfig
-from snella.training.data import batches, epoch_order, input_spec, load_split, num_batches, prepare, shard
+from snella.data.augment import random_shift
+from snella.training.data import (augment_generator, batches, epoch_order, input_spec, load_split, num_batches,
+                                  prepare, shard)
 from snella.training.evaluation import accuracy, autocast, logits_of
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
 from snella.training.optim import build_optimizer, build_scheduler
@@ -76,6 +78,9 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     train_set = prepare(train_raw, spec, train=True, limit=config.train_limit)
     test_set = load_split(config, spec, config.test_split, train=False, limit=config.test_limit)
     val_set = load_split(config, spec, config.val_split, False, config.test_limit) if config.val_split else None
+    if config.random_shift >= spec.image_size:
+        raise ValueError(f"random_shift={config.random_shift} is invalid for {spec.image_size}px inputs; accepted: "
+                         f"0 to {spec.image_size - 1} pixels")
     for other in (test_set, val_set):
         if other is not None and other.classes != train_set.classes:
             raise ValueError(f"{config.data}: split {other.split!r} has classes {other.classes[:10]}, the training "
@@ -130,7 +135,9 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen: over all ranks
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                         disable=not show, position=1)
+        shifts = augment_generator(config.seed, epoch, ctx.rank)
         for images, labels in batches(train_set, order, rank_batch, config.num_workers, seed=config.seed + epoch):
+            images = random_shift(images, config.random_shift, shifts)  # (B, C, H, W)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             # forward
             with autocast(device, config.precision):

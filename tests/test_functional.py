@@ -195,6 +195,15 @@ def test_kth_smallest_is_exact_on_structured_matrices(k_frac):
     assert Fn.kth_smallest(values, k).item() == torch.kthvalue(values, k).values.item()
 
 
+@pytest.mark.parametrize("k_frac", [0.0, 0.02, 0.5, 0.97, 1.0])
+def test_kth_smallest_of_magnitudes_is_exact(k_frac):
+    """absolute=True selects on |values| piece by piece, as kthvalue on values.abs() does."""
+    values = torch.randn(300_001, generator=torch.Generator().manual_seed(5))
+    n = values.numel()
+    k = max(1, min(n, round(k_frac * n)))
+    assert Fn.kth_smallest(values, k, absolute=True).item() == torch.kthvalue(values.abs(), k).values.item()
+
+
 def test_sparsify_works_beyond_torch_quantile_limit():
     """torch.quantile refused > 2^24 entries (pytorch #64947, before torch 2.x); 20M entries must work."""
     n_out, n_in = 5000, 4000  # 20M entries

@@ -74,6 +74,29 @@ def test_linear_matches_plain_autograd(shape, kernel, mode, fused, dtype):
     compare(x, weight, bias, DeltaSpec(kernel, mode, sparsity), leaves, c, LinearOp(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("kernel", ["mixed", "piecewise"])
+@pytest.mark.parametrize("mode", ["magnitude", "soft"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_blocked_kernel_matches_plain_autograd(monkeypatch, kernel, mode, fused):
+    """Matrices larger than a block: the kernel and its backward go a few columns at a time (ragged last
+    block), the competition's passes go in pieces, and the selection takes its sampled path; all of it
+    must give exactly what one pass over the whole matrix gives (float64, to rounding)."""
+    from snella import functional, kernel_vjp
+
+    monkeypatch.setattr(kernel_vjp, "BLOCK_ELEMENTS", 3 * 2 * 40 * 7)  # 7 columns of 40 rows, S=3, P=2
+    monkeypatch.setattr(kernel_vjp, "PASS_CHUNK", 1000)
+    monkeypatch.setattr(functional, "PASS_CHUNK", 1000)
+    monkeypatch.setattr(functional, "_KTH_DIRECT", 500)
+    assert kernel_vjp.block_width(3, 2, 40, 150) == 7
+    torch.manual_seed(0)
+    leaves, c = make_factors(3, 2, 150, 40, 8, kernel, dtype=torch.float64)
+    x = torch.randn(6, 150, requires_grad=True, dtype=torch.float64)
+    weight = torch.randn(120, 150, dtype=torch.float64) if fused else None
+    bias = torch.randn(120, dtype=torch.float64) if fused else None
+    spec = DeltaSpec(kernel, mode, (0.5, 0.0, 0.9))
+    compare(x, weight, bias, spec, leaves, c, LinearOp(), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_linear_matches_plain_autograd_bf16(fused):
     """bf16 activations and base weight, fp32 factors (the kernel always runs in fp32)."""

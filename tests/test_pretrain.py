@@ -32,6 +32,15 @@ def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return (20 * labels[:, None, None] + rng.integers(0, 60, (len(labels), 28, 28))).astype(np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models gain nothing from more, and on a busy machine spin-waiting costs 20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_fmnist(tmp_path, monkeypatch):
     """A Fashion-MNIST folder of N_TRAIN / N_TEST learnable images, made the one the loader reads."""
@@ -75,24 +84,22 @@ def test_pretrain_writes_weights_that_create_backbone_loads_and_the_loss_falls(t
     assert f"--output {path}" in written["command"] and written["torch"] == torch.__version__
 
 
-def test_main_reproduces_pretrain_for_a_seed_and_another_seed_differs(tiny_fmnist, tmp_path, capsys):
+def test_main_maps_its_flags_onto_pretrain_and_a_seed_reproduces_the_weights(tiny_fmnist, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     first = tmp_path / "cli.safetensors"
-    args = parser.parse_args(["--output", str(first), "--epochs", "1", "--batch-size", "16", "--limit", "16",
-                              "--seed", "3", "--augment"])
+    args = parser.parse_args(["--output", str(first), "--epochs", "1", "--batch-size", "8", "--limit", "16",
+                              "--seed", "3", "--augment", "--lr", "0.01"])
     assert main(args) == 0
     assert str(first) in capsys.readouterr().out
     command = json.loads(first.with_suffix(".json").read_text())["command"]
     assert command.endswith(f"--augment --limit 16 --output {first}")
 
+    # two steps of batch 8 with the same seed, augmentation on: the same weights, bit for bit
     same = tmp_path / "same.safetensors"
-    other = tmp_path / "other.safetensors"
-    pretrain(str(same), epochs=1, batch_size=16, seed=3, limit=16, augment=True)
-    pretrain(str(other), epochs=1, batch_size=16, seed=4, limit=16, augment=True)
-    a, b, c = (load_file(str(p)) for p in (first, same, other))
+    pretrain(str(same), epochs=1, batch_size=8, lr=0.01, seed=3, limit=16, augment=True)
+    a, b = load_file(str(first)), load_file(str(same))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
 def test_inputs_are_bit_for_bit_what_fine_tuning_feeds(tiny_fmnist):

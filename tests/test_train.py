@@ -26,7 +26,8 @@ from snella.training.tools import evaluate
 REPO = Path(__file__).resolve().parents[1]
 # A 2-block, width-32 ViT on 192 real MNIST digits: 6 steps per epoch, a few seconds per run.
 TINY = dict(model="vit_fmnist_d128", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, data="mnist5k",
-            train_limit=192, test_limit=100, epochs=3, batch_size=32, warmup_epochs=1, progress=False)
+            train_limit=192, test_limit=100, epochs=3, batch_size=32, warmup_epochs=1, sparsity=0.5, lr=1e-2,
+            progress=False)
 D, R = 32, 8
 # SNELLA's trainable parameters: per block q, k, v, proj (d x d) and fc1, fc2 (d x 4d) at r*(in+out) each,
 # 3 kernel scalars per matrix; the 10-class head; the class token.

@@ -251,6 +251,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
     start = time.perf_counter()
     spec = METHODS[method]
     config = TrainConfig(**spec.settings, lr=lr, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
+                         random_shift=0,  # VTAB protocol: no augmentation
                          weight_decay=weight_decay, seed=seed, progress=False,
                          target_modules=list(backbone.target_modules) if backbone.target_modules else None)
     torch.manual_seed(seed)  # the new head

@@ -4,6 +4,7 @@ batch, input and optimizer; CSV rows, a markdown table of ratios, and a bar char
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import platform
@@ -51,11 +52,41 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     for row in rows:
         for ref in REFERENCES:
             other = next((r for r in rows if r["method"] == ref and r["model"] == row["model"]
-                          and r["batch"] == row["batch"]), None)
+                          and r["batch"] == row["batch"] and r.get("run") == row.get("run")), None)
             if other:
                 row[f"mem_vs_{ref}"] = round(row["peak_memory_mb"] / other["peak_memory_mb"], 3)
                 row[f"time_vs_{ref}"] = round(row["step_seconds"] / other["step_seconds"], 3)
     return rows
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], int(row["batch"]), row["method"]
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of an earlier results file with ``rows`` added; a new row replaces an old one of the
+    same (model, batch, method), so ViT-B, L and H can be measured by separate commands into one file.
+    Ratios are only ever taken between rows of the same run (its ``run`` column)."""
+    if not path.is_file():
+        return list(rows)
+    with open(path, newline="") as f:
+        old = [{k: _number(v) for k, v in r.items() if v != "" and not k.startswith(("mem_vs_", "time_vs_"))}
+               for r in csv.DictReader(f)]
+    new_keys = {_key(r) for r in rows}
+    kept = [r for r in old if _key(r) not in new_keys]
+    order = {model: i for i, model in enumerate(DEFAULT_MODELS)}
+    merged = kept + list(rows)
+    return sorted(merged, key=lambda r: (order.get(r["model"], len(order)), r["model"], int(r["batch"])))
+
+
+def _number(text: str):
+    """A CSV cell back as int or float where it is one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -119,6 +150,7 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown benchmark method {m!r}; accepted: {', '.join(METHODS)}")
+    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for model in models:
         for batch in batches:
@@ -126,13 +158,13 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
                 row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
                               image_size=image_size, device=device, model_kwargs=model_kwargs)
                 log(f"{model} b{batch} {method:16s} {row['peak_memory_mb']:9.1f} MB {row['step_seconds']:8.3f} s/step")
-                rows.append(row)
-    add_ratios(rows)
+                rows.append({**row, "run": run})
     tag = f"{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
     out = Path(output_dir)
-    csv_path = write_csv(rows, out / f"memory-speed-{tag}.csv")
-    (out / f"memory-{tag}.md").write_text(markdown_table(rows, "peak_memory_mb") + "\n")
-    (out / f"speed-{tag}.md").write_text(markdown_table(rows, "step_seconds") + "\n")
-    bar_chart(rows, out / f"memory-speed-{tag}.png")
+    all_rows = add_ratios(merge_rows(out / f"memory-speed-{tag}.csv", rows))
+    csv_path = write_csv(all_rows, out / f"memory-speed-{tag}.csv")
+    (out / f"memory-{tag}.md").write_text(markdown_table(all_rows, "peak_memory_mb") + "\n")
+    (out / f"speed-{tag}.md").write_text(markdown_table(all_rows, "step_seconds") + "\n")
+    bar_chart(all_rows, out / f"memory-speed-{tag}.png")
     log(f"wrote {csv_path}")
     return rows

@@ -110,6 +110,13 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(key))
 
 
+def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of one epoch's augmentation on one process, seeded from (seed, epoch, rank) only,
+    so a resumed run draws the same offsets as an uninterrupted one and ranks draw different ones."""
+    key = int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(key)
+
+
 def shard(order: torch.Tensor, rank: int, world_size: int, pad: bool = True) -> torch.Tensor:
     """This process's part of ``order``: every ``world_size``-th item from ``rank``, as DistributedSampler.
 

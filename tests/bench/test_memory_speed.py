@@ -54,3 +54,26 @@ def test_suite_writes_rows_ratios_tables_and_chart(tmp_path):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown benchmark method 'dora'"):
         ms.run_suite(methods=["dora"], output_dir="unused")
+
+
+def test_results_of_separate_runs_merge_and_ratios_stay_within_a_run(tmp_path):
+    """ViT-B, L and H are measured by separate commands into one file: rows accumulate, a re-measured
+    (model, batch, method) replaces its old row, and no ratio mixes two runs."""
+    path = tmp_path / "results.csv"
+
+    def row(model, method, mb, run):
+        return {"model": model, "batch": 8, "method": method, "peak_memory_mb": mb, "step_seconds": mb / 100,
+                "run": run}
+
+    first = ms.add_ratios([row("vit_large_patch16_224", "full", 400.0, "r1"),
+                           row("vit_large_patch16_224", "lora-32", 300.0, "r1"),
+                           row("vit_base_patch16_224", "full", 200.0, "r1")])
+    ms.write_csv(first, path)
+    second = [row("vit_base_patch16_224", "full", 100.0, "r2"), row("vit_base_patch16_224", "lora-32", 50.0, "r2")]
+    merged = ms.add_ratios(ms.merge_rows(path, second))
+    assert [(r["model"], r["method"], r["peak_memory_mb"]) for r in merged] == [
+        ("vit_base_patch16_224", "full", 100.0), ("vit_base_patch16_224", "lora-32", 50.0),
+        ("vit_large_patch16_224", "full", 400), ("vit_large_patch16_224", "lora-32", 300)]
+    assert merged[1]["mem_vs_full"] == 0.5 and merged[3]["mem_vs_full"] == 0.75
+    lone = ms.add_ratios(ms.merge_rows(path, [row("vit_large_patch16_224", "lora-8", 290.0, "r3")]))
+    assert "mem_vs_full" not in next(r for r in lone if r["method"] == "lora-8")  # no r3 full: no ratio

@@ -13,8 +13,9 @@ def test_defaults_are_the_documented_recipe():
     c = TrainConfig()
     assert (c.model, c.data, c.train_split, c.test_split, c.method) == ("snella-default", "mnist5k", "trainval",
                                                                         "test", "snella")
-    assert (c.r, c.chunks, c.sparsity, c.lr, c.weight_decay) == (8, 2, 0.5, 1e-2, 1e-4)
-    assert (c.epochs, c.batch_size, c.warmup_epochs, c.transform, c.allocation) == (20, 64, 2, "none", "epoch")
+    assert (c.r, c.chunks, c.sparsity, c.lr, c.weight_decay) == (8, 2, 0.3, 2e-2, 1e-4)
+    assert (c.epochs, c.batch_size, c.warmup_epochs, c.transform, c.allocation) == (15, 128, 1, "none", "epoch")
+    assert c.random_shift == 1  # docs/default-recipe.md
     assert c.head is None and c.train_cls_token  # the model's classifier + the class token train
 
 
@@ -33,9 +34,10 @@ def test_unknown_keys_are_named():
 
 @pytest.mark.parametrize("field, value, accepted", [
     ("epochs", "x", "an integer"), ("epochs", 0, "a positive integer"), ("method", "dora", "snella, snell, lora"),
-    ("sparsity", 1.0, r"\[0, 1\)"), ("r", 5, "a multiple of chunks=2"), ("warmup_epochs", 30, "at most epochs=20"),
+    ("sparsity", 1.0, r"\[0, 1\)"), ("r", 5, "a multiple of chunks=2"), ("warmup_epochs", 30, "at most epochs=15"),
     ("allocation", "steps", "allocation_interval"), ("device", "gpu", "auto, cpu, cuda"),
-    ("init_sparsity", 0.6, "at most sparsity=0.5"), ("progress", "maybe", "true or false"),
+    ("init_sparsity", 0.6, "at most sparsity=0.3"), ("progress", "maybe", "true or false"),
+    ("random_shift", -1, "an integer >= 0"),
     ("resume", True, "only with output_dir"),
 ])
 def test_bad_values_name_the_field_and_what_is_accepted(field, value, accepted):
@@ -91,4 +93,4 @@ def test_parse_mapping_forms():
 
 def test_differences_ignore_run_only_settings():
     a, b = TrainConfig(), TrainConfig(progress=False, output_dir="x", debug_step_delay=0.1, lr=0.5)
-    assert a.differences(b) == {"lr": (0.01, 0.5)}
+    assert a.differences(b) == {"lr": (0.02, 0.5)}

@@ -31,7 +31,8 @@ def test_single_process_without_torchrun(monkeypatch):
 def test_two_cpu_processes_agree_and_write_once(tmp_path: Path):
     out = tmp_path / "ddp"
     config = TrainConfig(model="vit_fmnist_d128", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2},
-                         train_limit=192, test_limit=100, epochs=2, batch_size=32, warmup_epochs=1, progress=False,
+                         train_limit=192, test_limit=100, epochs=2, batch_size=32, warmup_epochs=1, sparsity=0.5,
+                         progress=False,
                          output_dir=str(out), device="cpu")
     config_file = config.save_yaml(tmp_path / "ddp.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
