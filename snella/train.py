@@ -25,7 +25,7 @@ from snella.training.data import (augment_generator, batches, epoch_order, input
                                   prepare, shard)
 from snella.training.evaluation import accuracy, autocast, logits_of
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
-from snella.training.optim import build_optimizer, build_scheduler
+from snella.training.optim import build_optimizer, build_scheduler, update_step
 from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, CURVES_PLOT, METRICS_FILE, RUN_FILE,
                                      CONFIG_FILE, check_output_dir, clear_run, default_output_dir, folder_bytes,
                                      write_json)
@@ -155,15 +155,7 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
                 mean_loss = float(stats[0] / stats[2])
                 raise NonFiniteLossError(_non_finite_message(mean_loss, epoch, step, config, out, history))
             # backward, update; the allocator reads |theta * grad| after the step, before the grads go
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if allocator is not None:
-                allocator.update_scores()
-            scheduler.step()
-            step += 1
-            if allocator is not None:
-                allocator.step(step)  # at the last step of an epoch: the allocation of the next one
+            step = update_step(loss, optimizer, scheduler, allocator, step)
             totals += stats
             step_bar.update()
             step_bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}",

@@ -245,7 +245,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
     from snella.training.data import batches, epoch_order, num_batches
     from snella.training.evaluation import accuracy
     from snella.training.methods import get_method
-    from snella.training.optim import build_optimizer, build_scheduler
+    from snella.training.optim import build_optimizer, build_scheduler, update_step
     from snella.training.outputs import folder_bytes
 
     start = time.perf_counter()
@@ -277,15 +277,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
             # forward backward update; the allocator reads |theta * grad| after the step
             images = images.contiguous(memory_format=memory_format)  # (B, C, H, W)
             loss = F.cross_entropy(model(images), labels)  # (B, classes) logits
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if allocator is not None:
-                allocator.update_scores()
-            scheduler.step()
-            step += 1
-            if allocator is not None:
-                allocator.step(step)
+            step = update_step(loss, optimizer, scheduler, allocator, step)
         if not math.isfinite(loss.item()):
             break  # a diverged run scores what it scores; the sweep will not pick it
     acc, _ = accuracy(model, score, 256, torch.device("cpu"))

@@ -56,3 +56,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     factor = functools.partial(_factor, total_steps=total_steps, warmup_steps=warmup_steps, lr=lr,
                                warmup_lr=warmup_lr, min_lr=min_lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def update_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, allocator, step: int) -> int:
+    """Backward and one optimizer step; SNELLA's allocator (or None) reads |theta * grad| after the
+    update, before the gradients go, and reallocates at its schedule's points. Returns the new step count."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if allocator is not None:
+        allocator.update_scores()
+    scheduler.step()
+    step += 1
+    if allocator is not None:
+        allocator.step(step)  # at the last step of an epoch: the allocation of the next one
+    return step
