@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_ext
+
 KERNELS = ("mixed", "piecewise", "rbf", "sigmoid", "linear")
 COMPETITION_MODES = ("magnitude", "soft")
 # Kernels that own the three trainable scalars (alpha, gamma, beta).
@@ -173,9 +175,15 @@ def kth_smallest(values: Tensor, k: int, sample: int = 16384, absolute: bool = F
     and gathers the band inside it (a few percent), and ``kthvalue`` runs on the band only. If the
     bracket misses (rare), it falls back to ``kthvalue`` on everything, so the result is always
     exact. No random numbers are drawn: training's random stream is not disturbed.
+
+    On the CPU, with ``absolute``, the C++ radix select of ``cpu_ext`` (when it builds) replaces all
+    of this: the same exact value in about a fifth of the time.
     """
     flat = values.reshape(-1)
     n = flat.numel()
+    if absolute and n > _KTH_DIRECT and flat.is_contiguous() and cpu_ext.usable(flat):
+        # The C++ radix select: exact, two passes, about 1 ns an element (cpu_ext.py).
+        return flat.new_tensor(cpu_ext.get().kth_abs(flat, k))
     if n <= _KTH_DIRECT:
         return torch.kthvalue(flat.abs() if absolute else flat, k).values
     # A stride coprime with n visits every column residue: matrices have per-column structure (the

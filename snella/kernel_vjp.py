@@ -16,6 +16,11 @@ The competition's threshold is global to a matrix: the forward selects it on the
 (``functional.selection_threshold``, itself a sampled pass in pieces), and the backward reuses it.
 ``tests/test_ops.py`` checks all of this against plain autograd on the formulas of ``functional.py``.
 
+On the CPU, the competition's passes (the threshold's selection, the forward's masking pass and the
+backward's) run in the C++ loops of ``csrc/fused_kernel.cpp`` (``cpu_ext``) when it builds; the kernel
+values stay in torch, so forward and backward compute the same K' bit for bit and mask the same entries.
+``tests/test_kernel_vjp.py`` checks the C++ passes against the torch ones.
+
 Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``; updates ``(S, out, in)``.
 """
 
@@ -26,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_ext
 from .functional import _DIST_EPS, PASS_CHUNK, selection_threshold
 
 FAST_KERNELS = ("mixed", "piecewise")
@@ -142,6 +148,11 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
             if level > 0:
                 thresholds[s] = selection_threshold(out[s], level, mode, absolute=True)
     levels = _per_matrix(thresholds)
+    sparse = [level > 0 for level in sparsity]
+    if cpu_ext.usable(out) and (any(sparse) or base is not None):
+        cpu_ext.get().apply_multiplier(out.view(S, -1), None if base is None else base.reshape(S, -1).contiguous(),
+                                       levels, sparse, mode == "magnitude")
+        return out, thresholds, state
     for s, level in enumerate(sparsity):
         flat = out[s].view(-1)
         base_flat = None if base is None else base[s].reshape(-1)
@@ -172,6 +183,7 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     nb = block_width(S, P, n_out, n_in)
     levels = _per_matrix(thresholds)
     sparse = [level > 0 for level in sparsity]
+    ext = cpu_ext.get() if cpu_ext.usable(A) else None
     cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
     Bf = B.reshape(S * P, n_out, d)
     B1 = torch.cat([Bf, Bf.new_ones(S * P, n_out, 1)], -1)  # (S*P, out, d+1): the ones give column sums
@@ -190,7 +202,12 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
         else:
             Kp, (D, K, soft) = _block_kernel(A_blk, B, c, alpha, gamma, beta, kernel, keep=True)
         g = grad[:, :, j:j + nb].contiguous()  # (S, out, nb): dL/d(delta)
-        if any(sparse):
+        if ext is not None and any(sparse):  # one C++ pass: g *= multiplier(K'), K' *= multiplier(K')
+            ext.competition_grad(Kp.view(S, -1), g.view(S, -1), levels, sparse, mode == "magnitude",
+                                 block_hook is not None)
+            if block_hook is not None:
+                block_hook(j, Kp)
+        elif any(sparse):
             m = Kp.abs()
             for s in range(S):
                 if sparse[s]:
@@ -232,3 +249,4 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
         g_A[:, :, j:j + nb] = ((Af * EB[..., -1:] - EB[..., :-1]) * cp).view(A_blk.shape)
     g_B = (Bf * EA[..., -1:] - EA[..., :-1]) * cp  # (S*P, out, d)
     return g_A, g_B.view(B.shape), g_alpha, g_gamma, g_beta
+
