@@ -175,7 +175,8 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     is differentiated on its own; ``grad`` is only read. ``state``: the single block's intermediates
     from ``kernel_forward(keep=True)``, used instead of recomputing them. ``block_hook(j, delta)``, if
     given, receives each block's sparse update (columns ``j:j + nb``, ``(S, out, nb)``) while it is at
-    hand: the caller's input gradient then needs no full-size update of its own. The competition's multiplier is treated as a
+    hand: the caller's input gradient then needs no full-size update of its own. The hook may overwrite
+    ``grad``'s columns ``j:j + nb``: they have been read (copied) before it is called. The competition's multiplier is treated as a
     constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
     """
     S, P, n_in, d = A.shape
@@ -201,7 +202,7 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
             state = None
         else:
             Kp, (D, K, soft) = _block_kernel(A_blk, B, c, alpha, gamma, beta, kernel, keep=True)
-        g = grad[:, :, j:j + nb].contiguous()  # (S, out, nb): dL/d(delta)
+        g = grad[:, :, j:j + nb].clone(memory_format=torch.contiguous_format)  # (S, out, nb): dL/d(delta)
         if ext is not None and any(sparse):  # one C++ pass: g *= multiplier(K'), K' *= multiplier(K')
             ext.competition_grad(Kp.view(S, -1), g.view(S, -1), levels, sparse, mode == "magnitude",
                                  block_hook is not None)

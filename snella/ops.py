@@ -124,11 +124,13 @@ def _direct(dtype: torch.dtype, A: Tensor, weight: Optional[Tensor]) -> bool:
 
 
 def _linear_backward_blocked(ctx, gy: Tensor, need: Sequence[bool]) -> tuple:
-    """Backward of a linear layer with a fast kernel, without any full-size weight.
+    """Backward of a linear layer with a fast kernel, without any full-size weight of its own.
 
     ``dL/dW = gy^T x`` is the one (out, in) buffer (full fine-tuning forms it too). The kernel's
-    backward then recomputes the update a block of columns at a time and hands each block here, where
-    it gives its columns of ``dL/dx = gy (W0 + dW)``: the kernel runs twice per step in all.
+    backward reads it a block of columns at a time, recomputes the update of that block and hands it
+    here, where ``W0 + dW`` of those columns overwrites the columns just read. When the kernel is done
+    the buffer holds ``W0 + dW`` and ``dL/dx = gy (W0 + dW)`` is one GEMM, as full fine-tuning's; the
+    kernel runs twice per step in all.
     """
     x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = ctx.saved_tensors
     spec = ctx.spec
@@ -136,19 +138,22 @@ def _linear_backward_blocked(ctx, gy: Tensor, need: Sequence[bool]) -> tuple:
     S, n_in = A.shape[0], A.shape[2]
     gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)  # (N, out)
     x2 = x.reshape(-1, n_in)  # (N, in)
-    gw = torch.mm(gy2.t(), x2)  # (out, in): dL/d(W0 + dW)
+    gw = torch.mm(gy2.t(), x2)  # (out, in): dL/d(W0 + dW), then W0 + dW
     g_weight = gw.to(weight.dtype, copy=True) if weight is not None and need[1] else None
-    gx = gy2.new_empty(gy2.shape[0], n_in) if need[0] else None  # (N, in)
 
-    def input_grad(j: int, delta: Tensor) -> None:  # delta: (S, out_s, nb) columns j:j+nb of dW
-        w = delta.reshape(-1, delta.shape[-1])  # (out, nb)
+    def rebuild(j: int, delta: Tensor) -> None:  # delta: (S, out_s, nb) columns j:j+nb of dW
+        cols = gw[:, j:j + delta.shape[-1]]  # (out, nb), already read by the kernel's backward
+        w = delta.reshape(-1, delta.shape[-1])
         if weight is not None:
-            w = w.add_(weight[:, j:j + w.shape[1]])
-        gx[:, j:j + w.shape[1]] = gy2 @ w  # (N, nb)
+            torch.add(w, weight[:, j:j + w.shape[1]], out=cols)
+        else:
+            cols.copy_(w)
 
     up = [_up(f) for f in factors]
     grads = kernel_backward(gw.view(S, -1, n_in), up[0], up[1], coefficients, *up[2:], spec.kernel, spec.mode,
-                            spec.sparsity, thresholds, block_hook=input_grad if gx is not None else None)
+                            spec.sparsity, thresholds, block_hook=rebuild if need[0] else None)
+    gx = gy2 @ gw if need[0] else None  # (N, in)
+    del gw
     factor_grads = [g.to(f.dtype) if (f is not None and need[4 + i] and g is not None) else None
                     for i, (f, g) in enumerate(zip(factors, grads))]
     g_bias = gy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
