@@ -10,6 +10,7 @@ the same values, more time per training step (``snella bench speed`` shows how m
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -57,7 +58,14 @@ def get() -> Optional[Any]:
     with _lock:
         if not _tried:
             try:
-                from torch.utils.cpp_extension import load
+                # Importing cpp_extension logs "No CUDA runtime is found" on CPU-only machines: not news here.
+                cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+                level = cpp_logger.level
+                cpp_logger.setLevel(logging.ERROR)
+                try:
+                    from torch.utils.cpp_extension import load
+                finally:
+                    cpp_logger.setLevel(level)
 
                 _ninja_on_path()
                 _module = load(name="snella_fused_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)

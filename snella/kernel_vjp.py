@@ -19,7 +19,7 @@ The competition's threshold is global to a matrix: the forward selects it on the
 On the CPU, the competition's passes (the threshold's selection, the forward's masking pass and the
 backward's) run in the C++ loops of ``csrc/fused_kernel.cpp`` (``cpu_ext``) when it builds; the kernel
 values stay in torch, so forward and backward compute the same K' bit for bit and mask the same entries.
-``tests/test_kernel_vjp.py`` checks the C++ passes against the torch ones.
+``tests/test_cpu_ext.py`` checks the C++ passes against the torch ones.
 
 Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``; updates ``(S, out, in)``.
 """
@@ -176,8 +176,9 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     from ``kernel_forward(keep=True)``, used instead of recomputing them. ``block_hook(j, delta)``, if
     given, receives each block's sparse update (columns ``j:j + nb``, ``(S, out, nb)``) while it is at
     hand: the caller's input gradient then needs no full-size update of its own. The hook may overwrite
-    ``grad``'s columns ``j:j + nb``: they have been read (copied) before it is called. The competition's multiplier is treated as a
-    constant (it is detached in the authors' code), exactly as ``functional.apply_competition``.
+    ``grad``'s columns ``j:j + nb``: they have been read (copied) before it is called. The
+    competition's multiplier is treated as a constant (it is detached in the authors' code), exactly as
+    ``functional.apply_competition``.
     """
     S, P, n_in, d = A.shape
     n_out = B.shape[2]
@@ -250,4 +251,3 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
         g_A[:, :, j:j + nb] = ((Af * EB[..., -1:] - EB[..., :-1]) * cp).view(A_blk.shape)
     g_B = (Bf * EA[..., -1:] - EA[..., :-1]) * cp  # (S*P, out, d)
     return g_A, g_B.view(B.shape), g_alpha, g_gamma, g_beta
-
