@@ -18,7 +18,7 @@ DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_pat
 def memory(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
            steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
            image_size: int = 224, device: str = "cpu") -> list[dict]:
-    """Peak training memory of every method, each in its own process (also records step time)."""
+    """Peak training memory of every method, each in its own process (its step times are kept, not reported)."""
     from snella.bench.memory_speed import run_suite
     from snella.bench.worker import METHODS
 
@@ -28,9 +28,14 @@ def memory(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,)
 
 def speed(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
           steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
-          image_size: int = 224, device: str = "cpu") -> list[dict]:
-    """Training-step time of every method, each in its own process (the same runs as memory: both are written)."""
-    return memory(models, batches, methods, steps, output_dir, rank, sparsity, image_size, device)
+          image_size: int = 224, device: str = "cpu", repeats: int = 3) -> list[dict]:
+    """Training-step time of every method, each in its own process with the default allocator, in interleaved rounds."""
+    from snella.bench.memory_speed import run_suite
+    from snella.bench.worker import METHODS
+
+    return run_suite(models=models, batches=batches, methods=methods or METHODS, output_dir=output_dir, steps=steps,
+                     rank=rank, sparsity=sparsity, image_size=image_size, device=device, harness="speed",
+                     repeats=repeats)
 
 
 def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbones: Optional[Sequence[str]] = None,
@@ -64,6 +69,12 @@ def _add_memory_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the CSV, tables and chart go (default: bench/results)")
 
 
+def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_memory_speed_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds over the methods; a method's time is its median round (default: 3)")
+
+
 def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     from snella.bench.accuracy import BACKBONES, METHODS
     from snella.bench.tasks import TASKS
@@ -86,7 +97,7 @@ def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
 
 BENCH_COMMANDS = {
     "memory": (memory.__doc__, _add_memory_speed_arguments),
-    "speed": (speed.__doc__, _add_memory_speed_arguments),
+    "speed": (speed.__doc__, _add_speed_arguments),
     "accuracy": (accuracy.__doc__, _add_accuracy_arguments),
 }
 
@@ -102,9 +113,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark ``args.bench_command`` with the parsed arguments; returns the exit status."""
     if args.bench_command in ("memory", "speed"):
-        run = memory if args.bench_command == "memory" else speed
-        run(args.models, args.batches, args.methods, args.steps, args.output_dir, args.rank, args.sparsity,
-            args.image_size, args.device)
+        common = (args.models, args.batches, args.methods, args.steps, args.output_dir, args.rank, args.sparsity,
+                  args.image_size, args.device)
+        if args.bench_command == "memory":
+            memory(*common)
+        else:
+            speed(*common, repeats=args.repeats)
         return 0
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`

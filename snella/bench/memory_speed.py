@@ -1,5 +1,16 @@
 """`snella bench memory` / `snella bench speed`: every method in its own process on the same model,
-batch, input and optimizer; CSV rows, a markdown table of ratios, and a bar chart."""
+batch, input and optimizer; CSV rows, a markdown table of ratios, and a bar chart.
+
+Two harnesses, because one allocator setting cannot serve both measures:
+
+- ``memory``: the worker runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so every large tensor is its own
+  mmap and the resident set follows the live tensors (the peak is exact); but every large allocation
+  then costs fresh pages, which slows methods that allocate many temporaries. Its step times are
+  recorded, not reported as speed.
+- ``speed``: the worker runs with the default allocator (what users get), and the methods are run in
+  ``repeats`` interleaved rounds (A B C, A B C, ...) so that a drift of the machine's speed hits every
+  method alike; a method's time is the median over its rounds. Its memory is not recorded.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,11 +42,19 @@ def hardware_tag() -> str:
     return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
+HARNESSES = ("memory", "speed")
+
+
 def run_one(method: str, model: str, batch: int, *, steps: int = 3, warmup: int = 1, rank: int = 32,
             sparsity: float = 0.8, image_size: int = 224, device: str = "cpu", ballast_mb: int = 0,
-            model_kwargs: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+            model_kwargs: Optional[dict] = None, timeout: Optional[float] = None, harness: str = "memory") -> dict:
     """Run one measurement in a fresh process (so peaks never mix) and return its row."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large tensors as their own mmaps: RSS follows live tensors
+    if harness not in HARNESSES:
+        raise ValueError(f"unknown harness {harness!r}; accepted: {', '.join(HARNESSES)}")
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if harness == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large tensors as their own mmaps: RSS follows live tensors
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "snella.bench.worker", "--method", method, "--model", model,
@@ -47,25 +67,31 @@ def run_one(method: str, model: str, batch: int, *, steps: int = 3, warmup: int 
         return json.loads(out.read_text())
 
 
+def _harness(row: dict) -> str:
+    return row.get("harness", "memory")  # rows written before the speed harness existed are memory runs
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Per (model, batch): each method's memory and time over each reference method's, same run."""
+    """Per (model, batch): each method's memory and time over each reference method's, same run and harness."""
     for row in rows:
         for ref in REFERENCES:
             other = next((r for r in rows if r["method"] == ref and r["model"] == row["model"]
-                          and r["batch"] == row["batch"] and r.get("run") == row.get("run")), None)
+                          and r["batch"] == row["batch"] and r.get("run") == row.get("run")
+                          and _harness(r) == _harness(row)), None)
             if other:
-                row[f"mem_vs_{ref}"] = round(row["peak_memory_mb"] / other["peak_memory_mb"], 3)
+                if "peak_memory_mb" in row and "peak_memory_mb" in other:
+                    row[f"mem_vs_{ref}"] = round(row["peak_memory_mb"] / other["peak_memory_mb"], 3)
                 row[f"time_vs_{ref}"] = round(row["step_seconds"] / other["step_seconds"], 3)
     return rows
 
 
 def _key(row: dict) -> tuple:
-    return row["model"], int(row["batch"]), row["method"]
+    return row["model"], int(row["batch"]), row["method"], _harness(row)
 
 
 def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """The rows of an earlier results file with ``rows`` added; a new row replaces an old one of the
-    same (model, batch, method), so ViT-B, L and H can be measured by separate commands into one file.
+    same (model, batch, method, harness), so ViT-B, L and H can be measured by separate commands into one file.
     Ratios are only ever taken between rows of the same run (its ``run`` column)."""
     if not path.is_file():
         return list(rows)
@@ -102,8 +128,10 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
-    """A table of one metric ('peak_memory_mb' or 'step_seconds') with its ratios to the references."""
+    """A table of one metric ('peak_memory_mb' or 'step_seconds') with its ratios to the references:
+    memory from the memory harness, time from the speed harness."""
     kind = "mem" if metric == "peak_memory_mb" else "time"
+    rows = [r for r in rows if _harness(r) == ("memory" if kind == "mem" else "speed") and metric in r]
     refs = [r for r in REFERENCES if any(f"{kind}_vs_{r}" in row for row in rows)]
     unit = "peak MB" if kind == "mem" else "s / step"
     lines = [f"| model | batch | method | {unit} | " + " | ".join(f"x {r}" for r in refs) + " |",
@@ -122,10 +150,12 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
     fig = Figure(figsize=(12, 3.2 * len(groups)))
     FigureCanvasAgg(fig)
+    panels = (("peak_memory_mb", "peak memory (MB)", "memory"), ("step_seconds", "s / step (speed harness)", "speed"))
     for i, (model, batch) in enumerate(groups):
-        sub = [r for r in rows if r["model"] == model and r["batch"] == batch]
-        names = [r["method"] for r in sub]
-        for j, (metric, label) in enumerate((("peak_memory_mb", "peak memory (MB)"), ("step_seconds", "s / step"))):
+        for j, (metric, label, harness) in enumerate(panels):
+            sub = [r for r in rows if r["model"] == model and r["batch"] == batch and _harness(r) == harness
+                   and metric in r]
+            names = [r["method"] for r in sub]
             ax = fig.add_subplot(len(groups), 2, 2 * i + j + 1)
             colors = ["tab:red" if n.startswith("snella") else "tab:orange" if n.startswith("snell") else "tab:gray"
                       for n in names]
@@ -142,23 +172,44 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Sequence[str] = METHODS,
               output_dir: str = "bench/results", steps: int = 3, warmup: int = 1, rank: int = 32,
               sparsity: float = 0.8, image_size: int = 224, device: str = "cpu",
-              model_kwargs: Optional[dict] = None, log=print) -> list[dict]:
-    """Measure every (model, batch, method) and write CSV, tables and chart; rows are returned."""
+              model_kwargs: Optional[dict] = None, log=print, harness: str = "memory", repeats: int = 1) -> list[dict]:
+    """Measure every (model, batch, method) and write CSV, tables and chart; rows are returned.
+
+    ``harness`` "memory" (peak memory; one run per method) or "speed" (step time; ``repeats``
+    interleaved rounds, the median taken): see the module's docstring.
+    """
     import torch
     import timm
 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown benchmark method {m!r}; accepted: {', '.join(METHODS)}")
+    if harness not in HARNESSES:
+        raise ValueError(f"unknown harness {harness!r}; accepted: {', '.join(HARNESSES)}")
+    if repeats < 1 or (harness == "memory" and repeats != 1):
+        raise ValueError(f"repeats={repeats}: the speed harness takes 1 or more, the memory harness exactly 1")
     run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for model in models:
         for batch in batches:
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            last: dict[str, dict] = {}
+            for round_ in range(repeats):
+                for method in methods:  # interleaved: every round visits every method
+                    row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
+                                  image_size=image_size, device=device, model_kwargs=model_kwargs, harness=harness)
+                    times[method].append(row["step_seconds"])
+                    last[method] = row
+                    memory = f"{row['peak_memory_mb']:9.1f} MB" if harness == "memory" else f"round {round_ + 1}/{repeats}"
+                    log(f"{model} b{batch} {method:16s} {memory} {row['step_seconds']:8.3f} s/step")
             for method in methods:
-                row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
-                              image_size=image_size, device=device, model_kwargs=model_kwargs)
-                log(f"{model} b{batch} {method:16s} {row['peak_memory_mb']:9.1f} MB {row['step_seconds']:8.3f} s/step")
-                rows.append({**row, "run": run})
+                row = {**last[method], "step_seconds": round(statistics.median(times[method]), 4),
+                       "run": run, "harness": harness}
+                if harness == "speed":
+                    row.pop("peak_memory_mb")  # the default allocator keeps freed memory: not a peak of live tensors
+                    row["repeats"] = repeats
+                    row["round_seconds"] = " ".join(f"{t:.3f}" for t in times[method])
+                rows.append(row)
     tag = f"{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
     out = Path(output_dir)
     all_rows = add_ratios(merge_rows(out / f"memory-speed-{tag}.csv", rows))

@@ -77,3 +77,66 @@ def test_results_of_separate_runs_merge_and_ratios_stay_within_a_run(tmp_path):
     assert merged[1]["mem_vs_full"] == 0.5 and merged[3]["mem_vs_full"] == 0.75
     lone = ms.add_ratios(ms.merge_rows(path, [row("vit_large_patch16_224", "lora-8", 290.0, "r3")]))
     assert "mem_vs_full" not in next(r for r in lone if r["method"] == "lora-8")  # no r3 full: no ratio
+
+
+def test_speed_harness_interleaves_rounds_and_takes_medians(tmp_path, monkeypatch):
+    """`bench speed`: rounds visit every method in turn (a drift of the machine hits all alike), a
+    method's time is its median round, and speed rows carry no memory figure."""
+    calls = []
+    fake = {"full": [3.0, 1.0, 2.0], "snella-fused": [2.5, 9.0, 2.0]}
+
+    def fake_run_one(method, model, batch, **kw):
+        calls.append((method, kw["harness"]))
+        t = fake[method][sum(1 for m, _ in calls if m == method) - 1]
+        return {"method": method, "model": model, "batch": batch, "peak_memory_mb": 999.0, "step_seconds": t}
+
+    monkeypatch.setattr(ms, "run_one", fake_run_one)
+    rows = ms.run_suite(models=["m"], batches=[8], methods=["full", "snella-fused"], output_dir=str(tmp_path),
+                        harness="speed", repeats=3, log=lambda *_: None)
+    assert calls == [("full", "speed"), ("snella-fused", "speed")] * 3
+    by = {r["method"]: r for r in rows}
+    assert by["full"]["step_seconds"] == 2.0 and by["snella-fused"]["step_seconds"] == 2.5
+    assert by["snella-fused"]["time_vs_full"] == 1.25
+    assert by["snella-fused"]["round_seconds"] == "2.500 9.000 2.000"
+    assert "peak_memory_mb" not in by["full"] and "mem_vs_full" not in by["snella-fused"]
+    # a memory run of the same methods lands beside the speed rows, not over them
+    monkeypatch.setattr(ms, "run_one", lambda method, model, batch, **kw: {
+        "method": method, "model": model, "batch": batch, "peak_memory_mb": {"full": 200.0}.get(method, 100.0),
+        "step_seconds": 7.0})
+    ms.run_suite(models=["m"], batches=[8], methods=["full", "snella-fused"], output_dir=str(tmp_path),
+                 log=lambda *_: None)
+    (csv_path,) = tmp_path.glob("memory-speed-*.csv")
+    with open(csv_path) as f:
+        saved = list(csv.DictReader(f))
+    assert sorted((r["method"], r["harness"]) for r in saved) == [
+        ("full", "memory"), ("full", "speed"), ("snella-fused", "memory"), ("snella-fused", "speed")]
+    speed_table = next(tmp_path.glob("speed-*.md")).read_text()
+    memory_table = next(tmp_path.glob("memory-*.md")).read_text()
+    assert "| m | 8 | snella-fused | 2.5 | 1.25 |" in speed_table and "7" not in speed_table.split("\n", 2)[2]
+    assert "| m | 8 | snella-fused | 100 | 0.50 |" in memory_table
+
+
+def test_harnesses_set_the_allocator_of_the_worker(monkeypatch, tmp_path):
+    """The memory harness forces large tensors onto mmap (resident memory follows live tensors); the
+    speed harness runs with the default allocator, even if the caller's environment set it."""
+    import json
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[cmd[cmd.index("--method") + 1]] = env.get("MALLOC_MMAP_THRESHOLD_")
+        out = cmd[cmd.index("--json") + 1]
+        with open(out, "w") as f:
+            json.dump({"step_seconds": 1.0, "peak_memory_mb": 1.0}, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ms.subprocess, "run", fake_run)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1234")
+    ms.run_one("full", "m", 8, harness="memory")
+    ms.run_one("lora-8", "m", 8, harness="speed")
+    assert seen == {"full": "65536", "lora-8": None}
+    with pytest.raises(ValueError, match="unknown harness 'fast'"):
+        ms.run_one("full", "m", 8, harness="fast")
+    with pytest.raises(ValueError, match="repeats=2"):
+        ms.run_suite(methods=["full"], output_dir=str(tmp_path), repeats=2)
