@@ -157,6 +157,13 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
                    and metric in r]
             names = [r["method"] for r in sub]
             ax = fig.add_subplot(len(groups), 2, 2 * i + j + 1)
+            if not sub:  # e.g. a model measured by the memory harness only
+                ax.text(0.5, 0.5, f"not measured by the {harness} harness", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="gray")
+                ax.set_title(f"{model}, batch {batch}: {label}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             colors = ["tab:red" if n.startswith("snella") else "tab:orange" if n.startswith("snell") else "tab:gray"
                       for n in names]
             ax.barh(names, [r[metric] for r in sub], color=colors)
