@@ -23,7 +23,8 @@ def memory(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,)
     from snella.bench.worker import METHODS
 
     return run_suite(models=models, batches=batches, methods=methods or METHODS, output_dir=output_dir, steps=steps,
-                     rank=rank, sparsity=sparsity, image_size=image_size, device=device)
+                     rank=rank, sparsity=sparsity, image_size=image_size, device=device, harness="memory",
+                     repeats=1)
 
 
 def speed(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,

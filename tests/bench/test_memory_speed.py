@@ -140,3 +140,20 @@ def test_harnesses_set_the_allocator_of_the_worker(monkeypatch, tmp_path):
         ms.run_one("full", "m", 8, harness="fast")
     with pytest.raises(ValueError, match="repeats=2"):
         ms.run_suite(methods=["full"], output_dir=str(tmp_path), repeats=2)
+
+
+def test_cli_routes_memory_and_speed_to_their_harnesses(monkeypatch):
+    """`snella bench memory` runs the memory harness once per method; `snella bench speed --repeats N`
+    runs the speed harness in N rounds."""
+    import argparse
+
+    from snella.bench import cli
+
+    seen = []
+    monkeypatch.setattr(ms, "run_suite", lambda **kw: seen.append((kw["harness"], kw["repeats"], kw["steps"])) or [])
+    parser = argparse.ArgumentParser()
+    cli.add_bench_arguments(parser)
+    assert cli.run_bench(parser.parse_args(["memory", "--models", "m", "--steps", "2"])) == 0
+    assert cli.run_bench(parser.parse_args(["speed", "--models", "m", "--repeats", "4"])) == 0
+    assert cli.run_bench(parser.parse_args(["speed", "--models", "m"])) == 0
+    assert seen == [("memory", 1, 2), ("speed", 4, 3), ("speed", 3, 3)]
