@@ -81,7 +81,13 @@ def get() -> Optional[Any]:
     return _module
 
 
+def module_for(t: torch.Tensor) -> Optional[Any]:
+    """The compiled module if its passes apply to a tensor like ``t`` (CPU, float32 or float64), else None."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    return get()
+
+
 def usable(t: torch.Tensor) -> bool:
-    """Whether the C++ passes apply to a tensor like ``t``: on the CPU, float32 or float64."""
-    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-            and _setting() != "0" and get() is not None)
+    """Whether the C++ passes apply to a tensor like ``t``."""
+    return module_for(t) is not None

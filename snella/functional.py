@@ -181,9 +181,9 @@ def kth_smallest(values: Tensor, k: int, sample: int = 16384, absolute: bool = F
     """
     flat = values.reshape(-1)
     n = flat.numel()
-    if absolute and n > _KTH_DIRECT and flat.is_contiguous() and cpu_ext.usable(flat):
-        # The C++ radix select: exact, two passes, about 1 ns an element (cpu_ext.py).
-        return flat.new_tensor(cpu_ext.get().kth_abs(flat, k))
+    ext = cpu_ext.module_for(flat) if absolute and n > _KTH_DIRECT and flat.is_contiguous() else None
+    if ext is not None:  # the C++ radix select: exact, two passes, about 1 ns an element (cpu_ext.py)
+        return flat.new_tensor(ext.kth_abs(flat, k))
     if n <= _KTH_DIRECT:
         return torch.kthvalue(flat.abs() if absolute else flat, k).values
     # A stride coprime with n visits every column residue: matrices have per-column structure (the

@@ -149,9 +149,10 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
                 thresholds[s] = selection_threshold(out[s], level, mode, absolute=True)
     levels = _per_matrix(thresholds)
     sparse = [level > 0 for level in sparsity]
-    if cpu_ext.usable(out) and (any(sparse) or base is not None):
-        cpu_ext.get().apply_multiplier(out.view(S, -1), None if base is None else base.reshape(S, -1).contiguous(),
-                                       levels, sparse, mode == "magnitude")
+    ext = cpu_ext.module_for(out)
+    if ext is not None and (any(sparse) or base is not None):
+        ext.apply_multiplier(out.view(S, -1), None if base is None else base.reshape(S, -1).contiguous(),
+                             levels, sparse, mode == "magnitude")
         return out, thresholds, state
     for s, level in enumerate(sparsity):
         flat = out[s].view(-1)
@@ -185,7 +186,7 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     nb = block_width(S, P, n_out, n_in)
     levels = _per_matrix(thresholds)
     sparse = [level > 0 for level in sparsity]
-    ext = cpu_ext.get() if cpu_ext.usable(A) else None
+    ext = cpu_ext.module_for(A)
     cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
     Bf = B.reshape(S * P, n_out, d)
     B1 = torch.cat([Bf, Bf.new_ones(S * P, n_out, 1)], -1)  # (S*P, out, d+1): the ones give column sums

@@ -92,6 +92,11 @@ double kth_abs(const at::Tensor& x, int64_t k) {
   return kth_abs_impl<double, uint64_t>(x.data_ptr<double>(), n, k);
 }
 
+void check_per_matrix(const std::vector<double>& thresholds, const std::vector<bool>& sparse, int64_t S) {
+  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == S && static_cast<int64_t>(sparse.size()) == S,
+              "one threshold and one sparse flag per matrix");
+}
+
 template <typename T>
 void multiplier_impl(T* o, const T* base, int64_t n, bool sparse, bool magnitude, T t) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
@@ -114,8 +119,7 @@ void apply_multiplier(at::Tensor out, const c10::optional<at::Tensor>& base, con
                 "base must be a contiguous tensor of out's shape and dtype");
   }
   const int64_t S = out.size(0), M = out.size(1);
-  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == S && static_cast<int64_t>(sparse.size()) == S,
-              "one threshold and one sparse flag per matrix");
+  check_per_matrix(thresholds, sparse, S);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "snella_apply_multiplier", [&] {
     for (int64_t s = 0; s < S; ++s) {
       const scalar_t* bs = base.has_value() ? base->data_ptr<scalar_t>() + s * M : nullptr;
@@ -152,8 +156,7 @@ void competition_grad(at::Tensor kp, at::Tensor g, const std::vector<double>& th
                   g.scalar_type() == kp.scalar_type(),
               "kp and g must be contiguous (S, M) tensors of one shape and dtype");
   const int64_t S = kp.size(0), M = kp.size(1);
-  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == S && static_cast<int64_t>(sparse.size()) == S,
-              "one threshold and one sparse flag per matrix");
+  check_per_matrix(thresholds, sparse, S);
   AT_DISPATCH_FLOATING_TYPES(kp.scalar_type(), "snella_competition_grad", [&] {
     for (int64_t s = 0; s < S; ++s) {
       if (!sparse[s]) continue;  // multiplier 1: nothing to do
