@@ -27,7 +27,7 @@ class SnellaConfig:
     kernel: str = field(default="mixed", metadata={"help": f"How the factors become dW: one of {KERNELS}. 'mixed' is SNELLA, 'piecewise' is SNELL, 'linear' is LoRA's B A^T."})
     sparsity: float = field(default=0.0, metadata={"help": "Fraction of each dW's entries zeroed by the weight-level competition, in [0, 1). 0 = dense."})
     sparsity_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-layer sparsity: {regex on the layer name (a split qkv matrix is 'NAME.q'): sparsity}; first full match wins."})
-    competition: str = field(default="magnitude", metadata={"help": f"Weight-level competition, one of {COMPETITION_MODES}: 'magnitude' keeps dW*|dW| (authors' code), 'soft' keeps dW*(|dW|-t) (SNELL eq. 5)."})
+    competition: str = field(default="magnitude", metadata={"help": f"Weight-level competition, one of {COMPETITION_MODES}: 'magnitude' keeps dW*|dW| (authors' code), 'soft' keeps dW*(|dW|-t) (SNELL eq. 5), both at every sparsity including 0; 'none' is the dense kernel dW itself (sparsity 0 only)."})
     chunk_scale: float = field(default=0.1, metadata={"help": "Magnitude of the fixed chunk coefficients c_p = chunk_scale * (-1)^p."})
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt: a list of names or name suffixes ('qkv', 'mlp.fc1'), or one regex matched against full names. None = the model family's defaults (snella.targets)."})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules never adapted, same forms as target_modules."})
@@ -53,6 +53,9 @@ class SnellaConfig:
         if self.competition not in COMPETITION_MODES:
             bad("competition", self.competition, ", ".join(COMPETITION_MODES))
         check_sparsity("sparsity", self.sparsity)
+        if self.competition == "none" and (self.sparsity != 0 or any(v != 0 for v in dict(self.sparsity_pattern).values())):
+            bad("competition", self.competition, "'magnitude' or 'soft' with sparsity > 0; 'none' (the dense "
+                "kernel, no competition) takes sparsity 0 and no sparsity_pattern levels above 0")
         for pattern, level in dict(self.sparsity_pattern).items():
             try:
                 re.compile(pattern)

@@ -23,7 +23,9 @@ from torch import Tensor
 from . import cpu_ext
 
 KERNELS = ("mixed", "piecewise", "rbf", "sigmoid", "linear")
-COMPETITION_MODES = ("magnitude", "soft")
+# "none": the dense kernel with no competition at all (dW = K'; the authors ran some tasks so); it
+# takes sparsity 0 only. Sparsity 0 under the other two modes still competes (SPEC.md section 4).
+COMPETITION_MODES = ("magnitude", "soft", "none")
 # Kernels that own the three trainable scalars (alpha, gamma, beta).
 SCALAR_KERNELS = ("mixed", "rbf", "sigmoid")
 # Squared distances are clamped here before the square root: the GEMM identity can round a true 0 to a
@@ -230,7 +232,7 @@ def selection_threshold(magnitude: Tensor, sparsity: float, mode: str = "magnitu
 
     Args:
         magnitude: ``(out, in)`` non-negative values (detached), or signed values with ``absolute``.
-        sparsity: fraction of entries to zero, in ``(0, 1)``.
+        sparsity: fraction of entries to zero, in ``[0, 1)``; at 0 the threshold is the minimum.
         mode: ``"magnitude"`` or ``"soft"``.
         absolute: select on ``|magnitude|``, taken piece by piece (no full-size temporary).
 
@@ -251,7 +253,10 @@ def apply_competition(delta: Tensor, threshold: Tensor, mode: str = "magnitude")
     - ``"magnitude"`` (the authors' code): ``delta * m * 1[m > t]`` with ``m = |delta|`` detached, so a
       kept entry's effective value is ``sign * delta^2`` and its gradient is scaled by ``m``.
     - ``"soft"`` (SNELL paper eq. 5): ``delta * max(m - t, 0)``, ``m`` and ``t`` detached.
+    - ``"none"``: ``delta`` itself (the dense kernel; ``threshold`` is ignored).
     """
+    if mode == "none":
+        return delta
     m = delta.detach().abs()
     if mode == "magnitude":
         return delta * (m * (m > threshold))
@@ -266,8 +271,10 @@ def sparsify(delta: Tensor, sparsity: float | Sequence[float] | Tensor, mode: st
     Args:
         delta: ``(out, in)`` or ``(S, out, in)`` dense update(s).
         sparsity: fraction of each matrix's entries to zero, in ``[0, 1)``; one value, or one per
-            matrix for a batch. ``0`` means dense: the update is returned as it is, unmasked.
-        mode: ``"magnitude"`` (default, the authors' code) or ``"soft"`` (paper eq. 5).
+            matrix for a batch. ``0`` keeps every entry but the smallest, and still applies the
+            competition's multiplier (``delta * |delta|``): the authors' quantile at 0 is the minimum.
+        mode: ``"magnitude"`` (default, the authors' code), ``"soft"`` (paper eq. 5) or ``"none"``
+            (no competition: ``delta`` as it is; sparsity must be 0).
 
     Returns:
         The sparse update, same shape as ``delta``.
@@ -277,11 +284,13 @@ def sparsify(delta: Tensor, sparsity: float | Sequence[float] | Tensor, mode: st
     if delta.dim() == 2:
         return sparsify(delta[None], [float(sparsity)], mode)[0]
     levels = _as_levels(sparsity, delta.shape[0])
+    if mode == "none":
+        check_no_competition(levels)
+        return delta
     out = []
     for d, s in zip(delta.unbind(0), levels):
-        if s == 0.0:
-            out.append(d)
-            continue
+        # s = 0 is no special case (SPEC.md section 4): the threshold is the minimum, so the authors'
+        # mode gives delta * |delta| without the smallest entry, and the soft mode delta * (m - min m).
         t = selection_threshold(d.detach().abs(), s, mode)
         out.append(apply_competition(d, t, mode))
     return torch.stack(out)
@@ -303,3 +312,11 @@ def _as_levels(sparsity, count: int) -> list[float]:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"sparsity {v} is outside [0, 1); 0 is dense, 0.9 keeps 10% of the entries")
     return levels
+
+
+def check_no_competition(levels: Sequence[float]) -> None:
+    """Raise unless every level is 0: ``competition="none"`` has no selection that could zero entries."""
+    bad = [v for v in levels if v != 0.0]
+    if bad:
+        raise ValueError(f"competition='none' keeps every entry, but sparsity {bad[0]} was asked for; use "
+                         "competition='magnitude' or 'soft' for a sparse update, or sparsity 0")

@@ -92,7 +92,8 @@ def _block_kernel(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gamm
 
 
 def _multiplier_(m: Tensor, threshold, mode: str) -> Tensor:
-    """Turn ``m = |K'|`` of one matrix, in place, into the competition's multiplier (detached).
+    """Turn ``m = |K'|`` of one matrix, in place, into the competition's multiplier (detached;
+    ``mode`` "magnitude" or "soft").
 
     ``threshold`` is a float (CPU: one fused pass) or a 0-d tensor (accelerators: no host sync).
     """
@@ -127,8 +128,7 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
             ``kernel_backward`` then uses instead of computing them a second time (small matrices).
 
     Returns:
-        ``(out (S, out, in), thresholds (S,), state or None)``: ``sparsify(K') + base``; thresholds
-        NaN for dense matrices.
+        ``(out (S, out, in), thresholds (S,), state or None)``: ``sparsify(K') + base``.
     """
     S, P, n_in, _ = A.shape
     n_out = B.shape[2]
@@ -142,24 +142,25 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
         out[:, :, j:j + nb] = Kp  # (S, out, nb)
         if keep:
             state = (Kp, *parts)
-    if thresholds is None:
+    compete = mode != "none"  # "none": the dense kernel, multiplier 1
+    if thresholds is None and compete:
+        # Every level, 0 included, competes (SPEC.md section 4): at 0 the threshold is the minimum.
+        thresholds = torch.stack([selection_threshold(out[s], level, mode, absolute=True)
+                                  for s, level in enumerate(sparsity)]).to(out.dtype)
+    elif thresholds is None:
         thresholds = torch.full((S,), float("nan"), device=A.device, dtype=out.dtype)
-        for s, level in enumerate(sparsity):
-            if level > 0:
-                thresholds[s] = selection_threshold(out[s], level, mode, absolute=True)
     levels = _per_matrix(thresholds)
-    sparse = [level > 0 for level in sparsity]
     ext = cpu_ext.module_for(out)
-    if ext is not None and (any(sparse) or base is not None):
+    if ext is not None and (compete or base is not None):
         ext.apply_multiplier(out.view(S, -1), None if base is None else base.reshape(S, -1).contiguous(),
-                             levels, sparse, mode == "magnitude")
+                             levels, [compete] * S, mode == "magnitude")
         return out, thresholds, state
-    for s, level in enumerate(sparsity):
+    for s in range(S):
         flat = out[s].view(-1)
         base_flat = None if base is None else base[s].reshape(-1)
         for i in range(0, flat.numel(), PASS_CHUNK):  # one pass in cache-sized pieces
             piece = flat[i:i + PASS_CHUNK]
-            if level > 0:
+            if compete:
                 piece.mul_(_multiplier_(piece.abs(), levels[s], mode))
             if base_flat is not None:
                 piece.add_(base_flat[i:i + PASS_CHUNK])
@@ -185,7 +186,6 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     n_out = B.shape[2]
     nb = block_width(S, P, n_out, n_in)
     levels = _per_matrix(thresholds)
-    sparse = [level > 0 for level in sparsity]
     ext = cpu_ext.module_for(A)
     cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
     Bf = B.reshape(S * P, n_out, d)
@@ -205,23 +205,21 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
         else:
             Kp, (D, K, soft) = _block_kernel(A_blk, B, c, alpha, gamma, beta, kernel, keep=True)
         g = grad[:, :, j:j + nb].clone(memory_format=torch.contiguous_format)  # (S, out, nb): dL/d(delta)
-        if ext is not None and any(sparse):  # one C++ pass: g *= multiplier(K'), K' *= multiplier(K')
-            ext.competition_grad(Kp.view(S, -1), g.view(S, -1), levels, sparse, mode == "magnitude",
+        if mode == "none":  # the dense kernel: multiplier 1
+            if block_hook is not None:
+                block_hook(j, Kp)
+        elif ext is not None:  # one C++ pass: g *= multiplier(K'), K' *= multiplier(K')
+            ext.competition_grad(Kp.view(S, -1), g.view(S, -1), levels, [True] * S, mode == "magnitude",
                                  block_hook is not None)
             if block_hook is not None:
                 block_hook(j, Kp)
-        elif any(sparse):
+        else:
             m = Kp.abs()
             for s in range(S):
-                if sparse[s]:
-                    g[s].mul_(_multiplier_(m[s], levels[s], mode))  # dL/dK'
-                else:
-                    m[s].fill_(1.0)
+                g[s].mul_(_multiplier_(m[s], levels[s], mode))  # dL/dK'
             if block_hook is not None:
                 block_hook(j, Kp.mul_(m))  # the block's sparse update
             del m
-        elif block_hook is not None:
-            block_hook(j, Kp)
         del Kp
         if mixed:
             # K' = K + alpha * softmax(K / gamma) + beta

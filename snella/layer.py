@@ -129,6 +129,8 @@ class SnellaLayer(nn.Module):
     def set_sparsity(self, adapter_name: str, segment: int, value: float) -> None:
         """Set one matrix's sparsity (the budget allocator calls this)."""
         check_sparsity(f"sparsity of matrix {segment} of adapter {adapter_name!r}", value)
+        if self.adapter_config[adapter_name].competition == "none":
+            Fn.check_no_competition([float(value)])
         self.sparsity[adapter_name][segment] = float(value)
 
     def factors(self, adapter_name: str) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
@@ -137,13 +139,16 @@ class SnellaLayer(nn.Module):
                 get(self.snella_gamma), get(self.snella_beta))
 
     def coefficients(self, adapter_name: str, device: torch.device) -> Optional[Tensor]:
-        """The fixed chunk coefficients, cached per device and kept in float32 whatever the model's dtype."""
+        """The fixed chunk coefficients, cached per device, in the factors' dtype (float32, or float64 for a
+        float64 layer: a float32 0.1 would move a float64 kernel by 1e-7 relative, the distances cancel)."""
         config = self.adapter_config[adapter_name]
         if config.kernel not in ("mixed", "piecewise"):
             return None
-        key = (adapter_name, device)
+        dtype = self.snella_A[adapter_name].dtype
+        key = (adapter_name, device, dtype)
         if key not in self._coefficients:
-            self._coefficients[key] = Fn.chunk_coefficients(config.chunks, config.chunk_scale, device=device)
+            self._coefficients[key] = Fn.chunk_coefficients(config.chunks, config.chunk_scale, device=device,
+                                                            dtype=dtype)
         return self._coefficients[key]
 
     def delta_spec(self, adapter_name: str) -> DeltaSpec:
@@ -153,8 +158,11 @@ class SnellaLayer(nn.Module):
     def _delta(self, adapter_name: str) -> Tensor:
         """Every matrix's sparse update, ``(S, out/S, in)`` float32, differentiable in the factors."""
         A, B, alpha, gamma, beta = self.factors(adapter_name)
-        delta, _ = self.delta_spec(adapter_name).delta(A, B, self.coefficients(adapter_name, A.device),
-                                                       alpha, gamma, beta)
+        # Autocast off: under the caller's bf16 autocast (EVA/BEiT read ``.weight`` inside their forward)
+        # the kernel's GEMMs would run in bf16 and the distance identity cancels (2% error in dW).
+        with torch.autocast(A.device.type, enabled=False):
+            delta, _ = self.delta_spec(adapter_name).delta(A, B, self.coefficients(adapter_name, A.device),
+                                                           alpha, gamma, beta)
         return delta
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
@@ -216,7 +224,11 @@ class SnellaLayer(nn.Module):
             # regularisers must see only the adapter branch, which a fused W0 + dW cannot give.
             z = self.snella_dropout[name](x)
             update = adapted_op(self._prepare_input(z), None, None, self._op(), spec, factors, coefficients)
-            return self.base_layer(x, *args, **kwargs) + self.snella_drop_path[name](update)
+            y = self.base_layer(x, *args, **kwargs)
+            # ``update`` is fp32 below fp32 (ops.adapted_op): the sum is formed in fp32, and rounded once
+            # to the model's dtype unless autocast is on (then fp32 carries the update's effect onwards).
+            out = y + self.snella_drop_path[name](update)
+            return out if torch.is_autocast_enabled(x.device.type) else out.to(y.dtype)
         return adapted_op(self._prepare_input(x), weight, bias, self._op(), spec, factors, coefficients)
 
     # ------------------------------------------------------------------ extra state: the sparsities

@@ -48,18 +48,16 @@ class DeltaSpec:
                 backward, so the selection (the costly part of the competition) runs once a step.
 
         Returns:
-            ``(delta, thresholds)``: ``(S, out_s, in)`` float32 and ``(S,)`` (NaN for dense matrices).
+            ``(delta, thresholds)``: ``(S, out_s, in)`` float32 and ``(S,)``.
         """
         K = Fn.kernel_delta(self.kernel, _up(A), _up(B), _up(coefficients), _up(alpha), _up(gamma), _up(beta))
+        if self.mode == "none":  # the dense kernel: nothing to select
+            return K, torch.full((K.shape[0],), float("nan"), device=K.device, dtype=K.dtype)
         if thresholds is None:
-            thresholds = torch.full((K.shape[0],), float("nan"), device=K.device, dtype=K.dtype)
-            for s, level in enumerate(self.sparsity):
-                if level > 0:
-                    thresholds[s] = Fn.selection_threshold(K[s].detach().abs(), level, self.mode)
-        if all(level == 0 for level in self.sparsity):
-            return K, thresholds
-        parts = [K[s] if level == 0 else Fn.apply_competition(K[s], thresholds[s], self.mode)
-                 for s, level in enumerate(self.sparsity)]
+            # Every level, 0 included, competes (SPEC.md section 4): at 0 the threshold is the minimum.
+            thresholds = torch.stack([Fn.selection_threshold(K[s].detach().abs(), level, self.mode)
+                                      for s, level in enumerate(self.sparsity)]).to(K.dtype)
+        parts = [Fn.apply_competition(K[s], thresholds[s], self.mode) for s in range(len(self.sparsity))]
         return torch.stack(parts), thresholds  # (S, out_s, in)
 
 
@@ -110,6 +108,22 @@ class Conv2dOp:
         return gy.sum((0, 2, 3))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _low_precision_delta(op, x: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
+    """``op(x, dW)`` in fp32 for a bf16/fp16 ``x``, with ``dW`` (fp32) at full relative precision.
+
+    bf16 has fp32's exponent range, so ``dW`` casts with a relative error of 2^-8. fp16's smallest
+    normal (6e-5) is above most of ``dW``'s entries, so ``dW`` is first scaled by a power of two (exact)
+    and the result scaled back in fp32.
+    """
+    if dtype == torch.float16:
+        scale = torch.exp2(-torch.floor(torch.log2(delta.abs().amax().clamp_min(1e-30))))  # no host sync
+        return op.forward(x, (delta * scale).to(dtype), None).float().div_(scale)
+    return op.forward(x, delta.to(dtype), None).float()
+
+
 def _autocast_dtype(x: Tensor, default: torch.dtype) -> torch.dtype:
     """The dtype the matmul should run in: autocast's when it is on for x's device, else ``default``."""
     device = x.device.type
@@ -123,16 +137,17 @@ def _direct(dtype: torch.dtype, A: Tensor, weight: Optional[Tensor]) -> bool:
     return dtype == _up(A).dtype and (weight is None or weight.dtype == dtype)
 
 
-def _linear_backward_blocked(ctx, gy: Tensor, need: Sequence[bool]) -> tuple:
+def _linear_backward_blocked(ctx, saved: Sequence[Optional[Tensor]], gy: Tensor, need: Sequence[bool]) -> tuple:
     """Backward of a linear layer with a fast kernel, without any full-size weight of its own.
 
     ``dL/dW = gy^T x`` is the one (out, in) buffer (full fine-tuning forms it too). The kernel's
     backward reads it a block of columns at a time, recomputes the update of that block and hands it
     here, where ``W0 + dW`` of those columns overwrites the columns just read. When the kernel is done
     the buffer holds ``W0 + dW`` and ``dL/dx = gy (W0 + dW)`` is one GEMM, as full fine-tuning's; the
-    kernel runs twice per step in all.
+    kernel runs twice per step in all. ``saved`` is ``ctx.saved_tensors``, unpacked once by the caller:
+    under non-reentrant activation checkpointing a second unpack raises.
     """
-    x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = ctx.saved_tensors
+    x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = saved
     spec = ctx.spec
     factors = (A, B, alpha, gamma, beta)
     S, n_in = A.shape[0], A.shape[2]
@@ -158,7 +173,7 @@ def _linear_backward_blocked(ctx, gy: Tensor, need: Sequence[bool]) -> tuple:
                     for i, (f, g) in enumerate(zip(factors, grads))]
     g_bias = gy2.sum(0).to(bias.dtype) if bias is not None and need[2] else None
     g_x = gx.view(x.shape).to(x.dtype) if gx is not None else None
-    return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None)
+    return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None, None)
 
 
 def _weight(op, spec: DeltaSpec, weight: Optional[Tensor], coefficients: Optional[Tensor], A: Tensor, B: Tensor,
@@ -206,24 +221,36 @@ class _AdaptedWeightFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype):
+    def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype, out_dtype):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            w, thresholds, _ = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype)
-            y = op.forward(x.to(dtype), w, None if bias is None else bias.to(dtype))
+            b = None if bias is None else bias.to(dtype)
+            if dtype in LOW_PRECISION:
+                # Below fp32 the update runs as its own branch: |dW| (1e-7 to 1e-5 under the magnitude
+                # competition) is far below one bf16 step of W0, so bf16(W0 + dW) would round it away.
+                delta, thresholds, _ = _weight(op, spec, None, coefficients, A, B, alpha, gamma, beta, torch.float32)
+                y = _low_precision_delta(op, x.to(dtype), delta, dtype)  # fp32
+                del delta
+                if weight is not None:
+                    y = y.add_(op.forward(x.to(dtype), weight.to(dtype), b))
+                y = y.to(out_dtype)
+            else:
+                w, thresholds, _ = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype)
+                y = op.forward(x.to(dtype), w, b)
         ctx.save_for_backward(x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds)
         ctx.op, ctx.spec, ctx.dtype = op, spec, dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once: checkpointing's saved-tensor hooks allow one unpack
+        x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds = saved
         op, spec, dtype = ctx.op, ctx.spec, ctx.dtype
         need = ctx.needs_input_grad  # x, weight, bias, coefficients, A, B, alpha, gamma, beta, ...
         factors = (A, B, alpha, gamma, beta)
         fast = spec.kernel in FAST_KERNELS
         with torch.autocast(x.device.type, enabled=False):
             if fast and isinstance(op, LinearOp) and _direct(dtype, A, weight):
-                return _linear_backward_blocked(ctx, gy, need)
+                return _linear_backward_blocked(ctx, saved, gy, need)
             if fast:  # hand-derived backward (kernel_vjp.py): no autograd graph over (out, in) tensors
                 w, _, state = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype, thresholds,
                                       keep=True)
@@ -257,12 +284,17 @@ class _AdaptedWeightFn(torch.autograd.Function):
                                 for i, f in enumerate(factors)]
         g_bias = op.bias_grad(gy).to(bias.dtype) if bias is not None and need[2] else None
         g_x = gx.to(x.dtype) if gx is not None else None
-        return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None)
+        return (g_x, g_weight, g_bias, None, *factor_grads, None, None, None, None)
 
 
+@torch.compiler.disable
 def adapted_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], op, spec: DeltaSpec,
                factors: Sequence[Optional[Tensor]], coefficients: Optional[Tensor]) -> Tensor:
     """Run ``op(x, W0 + dW)`` (or ``op(x, dW)`` when ``weight`` is None) without storing ``dW``.
+
+    ``torch.compile`` does not trace into it (a graph break around each adapted layer, the rest of the
+    model compiles): a traced forward rounds ``dW`` differently from the eager backward that recomputes
+    it, so the saved threshold would sit a float step off and entries of the mask would flip.
 
     Args:
         x: the layer input. weight, bias: the frozen base weight/bias (either may be None).
@@ -272,4 +304,11 @@ def adapted_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], op, 
     """
     dtype = _autocast_dtype(x, x.dtype)
     A, B, alpha, gamma, beta = factors
-    return _AdaptedWeightFn.apply(x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype)
+    # Below fp32 the sum W0 x + dW x is formed in fp32. Under autocast it is returned in fp32, so that
+    # the update's effect (often below one bf16 step of the output) reaches the fp32 residual stream;
+    # the next autocast op casts as usual. In a model cast to bf16 it is rounded once, to x's dtype.
+    # The adapter branch alone (``weight`` None, the parallel path) stays fp32 for its caller to add.
+    low = dtype in LOW_PRECISION
+    out_dtype = torch.float32 if low and (weight is None or torch.is_autocast_enabled(x.device.type)) else dtype
+    return _AdaptedWeightFn.apply(x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype,
+                                  out_dtype)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 import torch
 from torch import nn
+
+# tests/spec_reference.py (independent transcriptions of SPEC.md) is imported by name from the tests.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # family -> (timm name, kwargs, input side). Shrunk to 20k-600k parameters so a training step takes
 # milliseconds; ConvNeXt's layer scale and EVA's head start at 1 (their defaults, 1e-6 and 1e-3, would

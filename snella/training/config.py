@@ -161,6 +161,9 @@ class TrainConfig:
         for name in ("sparsity", "init_sparsity", "adapter_dropout", "adapter_drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "a number in [0, 1)")
+        if self.competition == "none" and (self.sparsity > 0 or self.init_sparsity > 0):
+            bad("competition", "magnitude or soft with sparsity > 0; none (the dense kernel) takes "
+                "sparsity 0 and init_sparsity 0")
         if self.method == "snella" and self.sparsity > 0 and self.init_sparsity > self.sparsity:
             bad("init_sparsity", f"at most sparsity={self.sparsity} (the budget only shrinks)")
         if self.allocation in ("steps", "adaptive") and self.allocation_interval is None:
