@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from snella import SnellaConfig, get_snella_model
 from snella.layer import SnellaConv2d, SnellaLayer, SnellaLinear
-from snella.targets import EXTRA_TARGETS, is_fused_qkv, resolve_targets
+from snella.targets import EXTRA_TARGETS, compress_names, is_fused_qkv, resolve_targets
 
 VIT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -272,6 +274,59 @@ def test_wrapping_applies_the_default_targets(tiny):
     assert all(isinstance(m, SnellaLinear) for m in layers.values())
     # an adapted model's layers are found again (for a second adapter), their base layers are not
     assert resolve_targets(wrapped.base_model, None, adapted_types=(SnellaLayer,)) == vit_names("", 2)
+
+
+def test_wrapping_records_and_logs_the_adapted_modules(tiny, caplog):
+    with caplog.at_level(logging.INFO, logger="snella.model"):
+        wrapped = get_snella_model(tiny.model("vit"), SnellaConfig(r=4))
+        wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["mlp.fc1", "blocks.1.attn.qkv"]))
+    assert caplog.messages == [
+        "snella: adapted 12 matrices in 8 modules: blocks.{0,1}.attn.{qkv,proj}, blocks.{0,1}.mlp.{fc1,fc2}",
+        "snella (adapter 'second'): adapted 5 matrices in 3 modules: blocks.{0,1}.mlp.fc1, blocks.1.attn.qkv"]
+    assert wrapped.targeted_module_names == vit_names("", 2)  # the active adapter's
+    assert wrapped.targeted_modules("second") == ["blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+    wrapped.set_adapter("second")
+    assert wrapped.targeted_module_names == ["blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+    wrapped.delete_adapter("default")
+    assert wrapped.targeted_modules("default") == []
+
+
+@pytest.mark.parametrize("names, folded", [
+    (vit_names("", 12), "blocks.{0..11}.attn.{qkv,proj}, blocks.{0..11}.mlp.{fc1,fc2}"),
+    # a Swin of depths (2, 2, 6, 2): stages of equal depth fold together, the deep one stays apart
+    ([f"layers.{s}.blocks.{b}.attn.qkv" for s, depth in enumerate((2, 2, 6, 2)) for b in range(depth)],
+     "layers.{0,1,3}.blocks.{0,1}.attn.qkv, layers.2.blocks.{0..5}.attn.qkv"),
+    (["a.0.b", "a.2.b", "a.3.b", "a.4.b", "a.7.c", "x.5"], "a.{0,2..4}.b, a.7.c, x.5"),
+    (["0", "2", "head"], "{0,2}, head"),
+    ([], ""),
+])
+def test_compress_names_is_exact(names, folded):
+    assert compress_names(names) == folded
+
+
+# ---------------------------------------------------------------- a model already wrapped by peft
+
+
+def test_peft_layer_is_refused_with_its_base_layer_named(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny.model("vit"), LoraConfig(r=2, target_modules=["qkv"]))
+    x = tiny.inputs("vit")
+    with torch.no_grad():
+        y_peft = peft_model(x)
+    qkv = "base_model.model.blocks.0.attn.qkv"
+    for targets in (None, ["qkv"]):
+        with pytest.raises(ValueError) as err:
+            get_snella_model(peft_model, SnellaConfig(r=4, target_modules=targets))
+        assert str(err.value) == (f"module '{qkv}' is a peft lora layer (lora.Linear); target its base layer "
+                                  f"'{qkv}.base_layer' instead, or merge_and_unload() the peft model first")
+    # the base layer can be adapted: the LoRA layer calls it, so SNELLA's update is added under LoRA's
+    wrapped = get_snella_model(peft_model, SnellaConfig(r=4, target_modules=["qkv.base_layer"]))
+    assert wrapped.targeted_module_names == [f"base_model.model.blocks.{i}.attn.qkv.base_layer" for i in range(2)]
+    with torch.no_grad():
+        with wrapped.disable_adapter():
+            torch.testing.assert_close(wrapped(x), y_peft, atol=0, rtol=0)
+        assert (wrapped(x) - y_peft).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- user-given targets
