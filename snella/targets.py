@@ -11,14 +11,16 @@ _ANY = r"(?:.*\.)?"  # any prefix a wrapper adds: ``model.``, ``backbone.``, ``v
 
 # Default targets: the linear maps of each transformer block (q, k, v, attention output, both MLP linears), as
 # regexes fullmatched against module names. Resolved per module: a module is a default target when ANY family's
-# pattern names it, so a model mixing naming styles (a timm block inside a HF wrapper) loses nothing.
+# pattern names it, so a model mixing naming styles (a timm block inside a HF wrapper) loses nothing. Left out:
+# patch embeddings and merging, poolers, heads, SegFormer's spatial-reduction conv (K/V downsampling, only in
+# stages with sr_ratio > 1) and Mix-FFN depthwise conv, Swinv2's position-bias MLP (2-D offsets -> head biases).
 FAMILY_TARGETS: dict[str, str] = {
     # timm ViT / DeiT / EVA / BEiT, timm Swin (layers.N.blocks.M.*), timm ConvNeXt (stages.N.blocks.M.mlp: its MLP
     # linears only, as the authors); also the blocks.N.mlp.fc1/fc2 of Hugging Face Swin and SegFormer.
     "timm": _ANY + r"blocks\.\d+\.(?:attn\.(?:qkv|q_proj|k_proj|v_proj|proj)|mlp\.(?:fc1|fc1_g|fc1_x|fc2))",
     # transformers >= 5 attention: ViT, DeiT, DINOv2, Swin, SegFormer (attention.{q,k,v,o}_proj); CLIP at any
     # version (self_attn.{q,k,v,out}_proj).
-    "hf-attention": _ANY + r"(?:layers?|blocks)\.\d+\.(?:attention|self_attn)\.(?:q_proj|k_proj|v_proj|o_proj|out_proj)",
+    "hf-attention": _ANY + r"(?:layers?|blocks)\.\d+\.(?:attention|self_attn)\.(?:[qkvo]_proj|out_proj)",
     # MLPs of Hugging Face layer stacks: ViT / DINOv2 / CLIP fc1, fc2; DINOv2's SwiGLU (weights_in/weights_out
     # before transformers 5, gate/up/down_proj from 5); SAM's vision encoder lin1, lin2.
     "hf-mlp": _ANY + r"layers?\.\d+\.mlp\.(?:fc1|fc2|lin1|lin2|weights_in|weights_out|gate_proj|up_proj|down_proj)",
@@ -40,7 +42,8 @@ NOT_DEFAULT = _ANY + r"(?:\w*decode\w*|head|\w+_head)\..+"
 # Opt-in extras, by name: ``SnellaConfig(target_modules=targets.EXTRA_TARGETS["convnext-convs"])``.
 EXTRA_TARGETS: dict[str, str] = {
     # ConvNeXt's MLP linears and depthwise convs: timm (conv_dw, mlp.fc1/fc2) and Hugging Face (dwconv, pwconv1/2).
-    "convnext-convs": _ANY + r"stages\.\d+\.(?:blocks\.\d+\.(?:conv_dw|mlp\.fc1|mlp\.fc2)|layers\.\d+\.(?:dwconv|pwconv[12]))",
+    "convnext-convs": _ANY + r"stages\.\d+\.(?:blocks\.\d+\.(?:conv_dw|mlp\.fc[12])"
+                             r"|layers\.\d+\.(?:dwconv|pwconv[12]))",
 }
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
 
