@@ -38,7 +38,7 @@ FAMILY_TARGETS: dict[str, str] = {
 # Parts the defaults never enter: decoders and heads (SegFormer's decode_head, SAM's mask_decoder, Mask2Former's
 # pixel and transformer decoders, timm's head). Users fine-tune the encoder with SNELLA and train these in full
 # (modules_to_save); name their modules in target_modules to adapt them instead.
-NOT_DEFAULT = _ANY + r"(?:\w*decode\w*|head|\w+_head)\..+"
+NOT_DEFAULT = _ANY + r"(?:\w+_)?(?:decoder|head)\..+"  # under a part named decoder, *_decoder, head or *_head
 # Opt-in extras, by name: ``SnellaConfig(target_modules=targets.EXTRA_TARGETS["convnext-convs"])``.
 EXTRA_TARGETS: dict[str, str] = {
     # ConvNeXt's MLP linears and depthwise convs: timm (conv_dw, mlp.fc1/fc2) and Hugging Face (dwconv, pwconv1/2).
