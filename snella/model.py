@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -15,10 +16,11 @@ from torch import nn
 
 from .config import CONFIG_NAME, SnellaConfig
 from .layer import SnellaConv2d, SnellaLayer, SnellaLinear, matrix_name
-from .targets import is_fused_qkv, resolve_targets
+from .targets import describe_targets, is_fused_qkv, resolve_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+logger = logging.getLogger(__name__)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -99,6 +101,7 @@ class SnellaModel(nn.Module):
         for name in config.parameters_to_save or []:
             self._find_parameter(name)
         self.peft_config[adapter_name] = config
+        logger.info(self.targets_summary(adapter_name))
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one used in forward and the only one trainable."""
@@ -155,6 +158,22 @@ class SnellaModel(nn.Module):
 
     def snella_layers(self) -> dict[str, SnellaLayer]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SnellaLayer)}
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the modules the active adapter adapts, in model order (as peft's attribute)."""
+        return self.targeted_modules()
+
+    def targeted_modules(self, adapter_name: Optional[str] = None) -> list[str]:
+        """Names of the modules ``adapter_name`` (default: the active adapter) adapts, in model order."""
+        name = adapter_name or self.active_adapter
+        return [n for n, layer in self.snella_layers().items() if name in layer.adapter_config]
+
+    def targets_summary(self, adapter_name: Optional[str] = None) -> str:
+        """One line: ``snella: adapted 72 matrices in 48 modules: blocks.{0..11}.attn.{qkv,proj}, ...``."""
+        name = adapter_name or self.active_adapter
+        which = "" if name == "default" else f" (adapter {name!r})"
+        return f"snella{which}: " + describe_targets(self.targeted_modules(name), len(self.matrices(name)))
 
     def matrices(self, adapter_name: Optional[str] = None) -> list:
         """The adapted matrices of an adapter as ``allocator.MatrixRef``s, for the budget allocator."""

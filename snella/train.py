@@ -90,6 +90,9 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     method = get_method(config.method)
     torch.manual_seed(config.seed)  # the adapter's init
     model = method.apply(config, backbone).to(device)
+    adapted = method.targets_summary(model)  # which modules were adapted, one line
+    if ctx.is_main and adapted:
+        print(adapted, flush=True)
     if config.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {ctx.world_size} processes")
     rank_batch = config.batch_size // ctx.world_size

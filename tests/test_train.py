@@ -72,6 +72,8 @@ def test_metrics_values(run):
     # the summary a person reads carries the same numbers
     assert f"test accuracy     {100 * metrics['test_accuracy']:.2f}%" in printed
     assert f"trainable params  {TINY_TRAINABLE:,}" in printed and printed.count("epoch ") >= 3
+    assert "snella: adapted 12 matrices in 8 modules: blocks.{0,1}.attn.{qkv,proj}, blocks.{0,1}.mlp.{fc1,fc2}\n" \
+        in printed
 
 
 def test_allocation_goes_from_dense_to_the_target_by_score(run):

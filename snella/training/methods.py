@@ -11,7 +11,7 @@ from torch import nn
 
 from snella.config import SnellaConfig
 from snella.model import SnellaModel, get_snella_model
-from snella.targets import resolve_targets
+from snella.targets import describe_targets, resolve_targets
 from snella.training.config import TrainConfig
 
 FULL_WEIGHTS = "model.safetensors"
@@ -97,6 +97,10 @@ class Method:
         """The matrices taking part in the budget allocation (``allocator.MatrixRef``); [] if none."""
         return []
 
+    def targets_summary(self, model: nn.Module) -> str:
+        """One line naming the modules the method adapted ("" when it adapts none), printed by the loop."""
+        return ""
+
 
 class SnellaMethod(Method):
     """SNELLA (mixed kernel, budget allocation) or, with ``kernel='piecewise'``, SNELL at a fixed sparsity."""
@@ -126,6 +130,9 @@ class SnellaMethod(Method):
 
     def matrices(self, model: nn.Module) -> list:
         return model.matrices()
+
+    def targets_summary(self, model: nn.Module) -> str:
+        return model.targets_summary()
 
 
 class LoraMethod(Method):
@@ -166,6 +173,9 @@ class LoraMethod(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload(safe_merge=True)
+
+    def targets_summary(self, model: nn.Module) -> str:
+        return "lora: " + describe_targets(model.targeted_module_names)
 
 
 class FullMethod(Method):

@@ -114,3 +114,17 @@ def test_trainable_state_leaves_out_frozen_weights_and_keeps_sparsities():
         assert torch.equal(fresh.eval()(X), model.eval()(X))
     with pytest.raises(ValueError, match="does not fit this model: missing"):
         load_trainable_state(method.apply(config("snella"), backbone()), {}, "empty.pt")
+
+
+BLOCKS = "blocks.{0,1}.attn.{qkv,proj}, blocks.{0,1}.mlp.{fc1,fc2}"
+
+
+@pytest.mark.parametrize("name, line", [
+    ("snella", f"snella: adapted 12 matrices in 8 modules: {BLOCKS}"),  # q, k, v split out of qkv
+    ("snell", f"snella: adapted 12 matrices in 8 modules: {BLOCKS}"),
+    ("lora", f"lora: adapted 8 modules: {BLOCKS}"),
+    ("full", ""), ("linear", ""),
+])
+def test_targets_summary_names_the_adapted_modules(name: str, line: str):
+    method = get_method(name)
+    assert method.targets_summary(method.apply(config(name), backbone())) == line
