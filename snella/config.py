@@ -11,6 +11,9 @@ from typing import Optional, Union
 from .functional import COMPETITION_MODES, KERNELS
 
 CONFIG_NAME = "adapter_config.json"
+# The attention output projections of timm (attn.proj), CLIP/HF (out_proj, o_proj) and BERT-style
+# encoders (attention.output.dense): the authors' adapter dropout skips them.
+DROPOUT_EXCLUDE = r"(?:.*\.)?(?:attn\.proj|out_proj|o_proj|attention\.output\.dense)"
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SnellaConfig:
     parameters_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Single parameters trained in place and saved with the adapter (e.g. ViT's 'cls_token'). disable_adapter() does not revert them."})
     split_qkv: bool = field(default=True, metadata={"help": "Split a fused qkv projection (a Linear named '*qkv' with out = 3*in) into q, k, v matrices with their own factors and sparsity, as the authors do."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch's input while training (authors: 0.1). > 0 selects the parallel path."})
+    adapter_dropout_exclude: Optional[Union[list[str], str]] = field(default=DROPOUT_EXCLUDE, metadata={"help": "Layers whose adapter input gets no dropout, same forms as target_modules. Default: the attention output projections (attn.proj, out_proj, o_proj, attention.output.dense), as the authors apply dropout on q, k, v, fc1 and fc2 only. None: every layer."})
     adapter_drop_path: float = field(default=0.0, metadata={"help": "Per-sample drop-path on the adapter branch's output while training (authors: 0.1). > 0 selects the parallel path."})
     init_scale: float = field(default=1.0, metadata={"help": "Multiplier on the Kaiming-uniform (a=sqrt(5)) bound of the factors' init."})
 
@@ -68,7 +72,7 @@ class SnellaConfig:
                 bad(name, value, "a probability in [0, 1)")
         if self.init_scale <= 0:
             bad("init_scale", self.init_scale, "a positive number")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "adapter_dropout_exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -79,6 +83,14 @@ class SnellaConfig:
                 bad(name, value, "None, a list of module names, or a regex string")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+
+    def dropout_for(self, layer_name: str) -> float:
+        """The adapter dropout of one layer: 0 where ``adapter_dropout_exclude`` matches its name."""
+        from .targets import name_matches
+
+        if self.adapter_dropout_exclude is not None and name_matches(layer_name, self.adapter_dropout_exclude):
+            return 0.0
+        return float(self.adapter_dropout)
 
     def sparsity_for(self, matrix_name: str) -> float:
         """The configured sparsity of one matrix: the first matching ``sparsity_pattern``, else ``sparsity``."""

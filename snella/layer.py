@@ -106,7 +106,8 @@ class SnellaLayer(nn.Module):
             alpha, gamma, beta = Fn.scalar_init(config.kernel)
             for store, value in ((self.snella_alpha, alpha), (self.snella_gamma, gamma), (self.snella_beta, beta)):
                 store[adapter_name] = nn.Parameter(torch.full((S,), value, device=weight.device, dtype=dtype))
-        self.snella_dropout[adapter_name] = nn.Dropout(config.adapter_dropout) if config.adapter_dropout else nn.Identity()
+        dropout = config.dropout_for(layer_name)  # 0 on attention output projections, as the authors
+        self.snella_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.snella_drop_path[adapter_name] = _DropPath(config.adapter_drop_path)
         self.adapter_config[adapter_name] = config
         self.segments[adapter_name] = parts
@@ -219,7 +220,7 @@ class SnellaLayer(nn.Module):
         coefficients = self.coefficients(name, x.device)
         spec = self.delta_spec(name)
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if self.training and (config.adapter_dropout > 0 or config.adapter_drop_path > 0):
+        if self.training and (isinstance(self.snella_dropout[name], nn.Dropout) or config.adapter_drop_path > 0):
             # Parallel path: base(x) + drop_path(x' @ dW^T) with x' = dropout(x): the adapter's
             # regularisers must see only the adapter branch, which a fused W0 + dW cannot give.
             z = self.snella_dropout[name](x)

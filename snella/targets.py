@@ -68,6 +68,11 @@ def candidate_modules(model: nn.Module, skip_types: tuple = ()) -> Iterable[tupl
             stack.append((f"{name}.{child_name}" if name else child_name, child))
 
 
+def name_matches(name: str, spec: Union[list[str], str]) -> bool:
+    """Whether a module name matches a user's spec: a regex (full match) or a list of names/suffixes."""
+    return _matches(name, spec)
+
+
 def _matches(name: str, spec: Union[list[str], str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None

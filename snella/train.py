@@ -18,7 +18,8 @@ import snella
 from snella.allocator import AllocatorConfig, BudgetAllocator
 from snella.data import load_dataset
 from snella.training import distributed as distrib
-from snella.training.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from snella.training.checkpoint import (checkpoint_path, load_checkpoint, rank_rng_state, rng_state, save_checkpoint,
+                                       set_rng_state)
 from snella.training.config import TrainConfig
 from snella.data.augment import random_shift
 from snella.training.data import (augment_generator, batches, epoch_order, input_spec, load_split, num_batches,
@@ -114,7 +115,7 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         scheduler.load_state_dict(state["scheduler"])
         if allocator is not None:
             allocator.load_state_dict(state["allocator"])
-        set_rng_state(state["rng"])
+        set_rng_state(rank_rng_state(state["rng"], ctx.rank, ctx.world_size, out))
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
     elif ctx.is_main:
         if config.overwrite:
@@ -124,6 +125,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         write_json(out / RUN_FILE, {"classes": train_set.classes, "input": spec.to_dict(), "method": config.method,
                                     "model": config.model, "snella_version": snella.__version__})
     distrib.barrier(ctx)
+    if not config.resume:  # dropout and drop-path: each rank its own stream (seed + rank, as timm)
+        torch.manual_seed(config.seed + ctx.rank)
 
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.distributed else model
@@ -174,12 +177,13 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         if val_set is not None:
             record["val_acc"] = accuracy(model, val_set, rank_batch, device, config.precision, ctx)[0]
         history.append(record)
+        rngs = distrib.gather_objects(ctx, rng_state())  # every rank's generators: resume stays exact
         if ctx.is_main:
             save_checkpoint(out, {
                 "config": config.to_dict(), "epoch": epoch + 1, "step": step, "history": history,
                 "model": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rng_state()})
+                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs})
         distrib.barrier(ctx)
         epoch_bar.update()
         if ctx.is_main:

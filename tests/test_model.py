@@ -438,3 +438,18 @@ def test_wrapped_layer_types(tiny):
     assert all(isinstance(m.base_layer, nn.Conv2d) for m in layers.values())
     wrapped = get_snella_model(tiny.model("swin"), SnellaConfig(r=4))
     assert all(isinstance(m, SnellaLinear) for m in wrapped.snella_layers().values())
+
+
+def test_adapter_dropout_skips_the_attention_output_projection(tiny):
+    """The authors put adapter dropout on q, k, v, fc1 and fc2, not on attn.proj."""
+    wrapped = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, adapter_dropout=0.1))
+    kinds = {name: type(layer.snella_dropout["default"]).__name__ for name, layer in wrapped.snella_layers().items()}
+    assert kinds == {f"blocks.{i}.{m}": ("Identity" if m == "attn.proj" else "Dropout")
+                     for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    proj = wrapped.base_model.blocks[0].attn.proj.train()
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        y_train = proj(x)
+        assert torch.equal(y_train, proj.eval()(x))  # no dropout on proj: training output is deterministic
+    everywhere = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, adapter_dropout=0.1, adapter_dropout_exclude=None))
+    assert all(isinstance(layer.snella_dropout["default"], nn.Dropout) for layer in everywhere.snella_layers().values())

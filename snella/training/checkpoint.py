@@ -35,6 +35,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_rng_state(saved: Any, rank: int, world_size: int, source: Path) -> dict[str, Any]:
+    """This rank's generators from a checkpoint's ``rng`` entry: one state per rank (a list), or one
+    dict from a checkpoint written before ranks had streams of their own (single-process runs).
+
+    Raises:
+        ValueError: the checkpoint was written by another number of processes; the run cannot resume
+            exactly (its data shards and random streams depend on that number).
+    """
+    if isinstance(saved, dict):
+        saved = [saved]
+    if len(saved) != world_size:
+        raise ValueError(f"{checkpoint_path(source)} was written by {len(saved)} process(es), this run has "
+                         f"{world_size}; resume with the same number of processes (torchrun --nproc_per_node "
+                         f"{len(saved)}) to continue exactly")
+    return saved[rank]
+
+
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 

@@ -68,3 +68,23 @@ def test_rng_state_restores_the_same_draws(tmp_path: Path):
     set_rng_state(load_checkpoint(tmp_path)["rng"])
     got = (torch.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path: Path):
+    from snella.training.checkpoint import rank_rng_state
+
+    states = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        states.append(rng_state())
+    save_checkpoint(tmp_path, {"rng": states})
+    saved = load_checkpoint(tmp_path)["rng"]
+    for rank in range(2):
+        set_rng_state(rank_rng_state(saved, rank, 2, tmp_path))
+        got = torch.rand(3)
+        torch.manual_seed(100 + rank)
+        assert torch.equal(got, torch.rand(3))
+    single = rank_rng_state(states[0], 0, 1, tmp_path)  # a checkpoint of a single-process run (one dict)
+    assert torch.equal(single["torch"], states[0]["torch"])
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 4"):
+        rank_rng_state(saved, 0, 4, tmp_path)

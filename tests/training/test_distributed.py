@@ -54,4 +54,8 @@ def test_two_cpu_processes_agree_and_write_once(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "allocation.png", "checkpoint", "config.yaml",
                                                      "curves.png", "metrics.json", "run.json"]
     assert os.listdir(out / "checkpoint") == ["last.pt"]
-    assert torch.load(out / "checkpoint" / "last.pt", weights_only=True)["epoch"] == 2
+    checkpoint = torch.load(out / "checkpoint" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    # each rank draws its dropout/drop-path from its own stream (seed + rank), saved for resume
+    rngs = checkpoint["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
