@@ -102,7 +102,7 @@ class SnellaModel(nn.Module):
                 undo.append(functools.partial(_drop_layer_adapter, module, adapter_name, module.active_adapter))
                 split = config.split_qkv and is_fused_qkv(name, module.base_layer)
                 module.update_layer(adapter_name, config, split=split, layer_name=name)
-                module.train(module.base_layer.training)  # new dropout modules take the model's mode
+                _match_mode(module, module.base_layer)  # new dropout modules take the model's mode
             for name, module in saved.items():
                 if not isinstance(module, ModulesToSaveWrapper):
                     module = self._replace(name, ModulesToSaveWrapper(module), undo)
@@ -126,7 +126,7 @@ class SnellaModel(nn.Module):
     def _replace(self, name: str, wrapper: nn.Module, undo: list) -> nn.Module:
         """Put ``wrapper`` (around the module at ``name``) in its place, in the module's train/eval mode."""
         original = self.base_model.get_submodule(name)
-        wrapper.train(original.training)
+        _match_mode(wrapper, original)
         self.base_model.set_submodule(name, wrapper)
         undo.append(functools.partial(self.base_model.set_submodule, name, original))
         return wrapper
@@ -428,6 +428,14 @@ def _drop_layer_adapter(layer: SnellaLayer, adapter_name: str, active: Optional[
     """Undo ``update_layer`` (whole or partial) on a layer, giving it back its active adapter."""
     layer.delete_adapter(adapter_name)
     layer.active_adapter = active
+
+
+def _match_mode(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Give ``wrapper``'s own modules the train/eval mode of ``inner``, leaving the modules inside ``inner`` as they are."""
+    inside = set(inner.modules())
+    for module in wrapper.modules():
+        if module not in inside:
+            module.training = inner.training
 
 
 def _drop_copy(wrapper: ModulesToSaveWrapper, adapter_name: str) -> None:

@@ -644,6 +644,10 @@ def test_wrapping_and_loading_keep_or_set_the_mode_as_peft(tiny, tmp_path, mode)
         with torch.no_grad():
             assert torch.equal(wrapped(x), wrapped(x))
     wrapped.save_pretrained(tmp_path)
+    model = tiny.model("vit").train(mode == "train")
+    model.head = nn.Sequential(nn.Dropout(0.1).train(mode != "train"), model.head)  # a mixed-mode module
+    get_snella_model(model, SnellaConfig(r=4, modules_to_save=["head"]))
+    assert model.head.original_module[0].training == (mode != "train")  # wrapping kept the modes inside it
 
     for is_trainable in (False, True):
         loaded = SnellaModel.from_pretrained(tiny.model("vit").train(mode == "train"), tmp_path,
