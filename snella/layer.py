@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as Fn
+from .hooks import call_with_hooks, has_forward_hooks
 from .config import SnellaConfig, check_sparsity
 from .ops import Conv2dOp, DeltaSpec, LinearOp, adapted_op
 
@@ -26,7 +27,8 @@ class SnellaLayer(nn.Module):
     with scalars, ``snella_alpha/gamma/beta[name]`` ``(S,)``. Each matrix's sparsity is plain Python
     state (saved through ``get_extra_state``), so casting the model to bf16 cannot round it.
 
-    Disabled or merged, the layer returns exactly the base layer's output.
+    Disabled or merged, the layer returns exactly the base layer's output. Forward hooks a user puts on
+    ``base_layer`` (to extract features) run around the adapted computation, which stands in for it.
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -124,6 +126,8 @@ class SnellaLayer(nn.Module):
                 del store[adapter_name]
         for store in (self.adapter_config, self.segments, self.sparsity):
             store.pop(adapter_name, None)
+        in_use = {(c.chunks, c.chunk_scale) for c in self.adapter_config.values()}
+        self._coefficients = {k: v for k, v in self._coefficients.items() if k[:2] in in_use}
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.adapter_config), None)
 
@@ -141,12 +145,16 @@ class SnellaLayer(nn.Module):
 
     def coefficients(self, adapter_name: str, device: torch.device) -> Optional[Tensor]:
         """The fixed chunk coefficients, cached per device, in the factors' dtype (float32, or float64 for a
-        float64 layer: a float32 0.1 would move a float64 kernel by 1e-7 relative, the distances cancel)."""
+        float64 layer: a float32 0.1 would move a float64 kernel by 1e-7 relative, the distances cancel).
+
+        Keyed by what they are made of, so an adapter re-added under the same name with other ``chunks`` or
+        ``chunk_scale`` cannot be given stale ones.
+        """
         config = self.adapter_config[adapter_name]
         if config.kernel not in ("mixed", "piecewise"):
             return None
         dtype = self.snella_A[adapter_name].dtype
-        key = (adapter_name, device, dtype)
+        key = (config.chunks, config.chunk_scale, device, dtype)
         if key not in self._coefficients:
             self._coefficients[key] = Fn.chunk_coefficients(config.chunks, config.chunk_scale, device=device,
                                                             dtype=dtype)
@@ -208,6 +216,8 @@ class SnellaLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if has_forward_hooks(self.base_layer):  # the op below does not call base_layer: run its hooks here
+            return call_with_hooks(self.base_layer, self.forward, (x, *args), kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -248,8 +258,15 @@ class SnellaLayer(nn.Module):
         return f"adapters={list(self.adapter_config)}, active={self.active_adapter!r}, merged={self.merged_adapters}"
 
 
+def _from_base(attr: str) -> property:
+    """A read-only attribute of the base layer, so code that reads ``layer.in_features`` works on the wrapper."""
+    return property(lambda self: getattr(self.base_layer, attr), doc=f"``base_layer.{attr}``")
+
+
 class SnellaLinear(SnellaLayer):
     """SNELLA on an ``nn.Linear`` (weight ``(out, in)``)."""
+
+    in_features = _from_base("in_features")
 
     @property
     def out_features(self) -> int:
@@ -271,6 +288,11 @@ class SnellaConv2d(SnellaLayer):
     conv needs no special case. Non-zero padding modes and 'same' padding are applied to the input
     first, as ``nn.Conv2d`` itself does, so the adapted op always runs with integer padding.
     """
+
+    in_channels, out_channels = _from_base("in_channels"), _from_base("out_channels")
+    kernel_size, stride, padding = _from_base("kernel_size"), _from_base("stride"), _from_base("padding")
+    dilation, groups, padding_mode = _from_base("dilation"), _from_base("groups"), _from_base("padding_mode")
+    in_features = _from_base("in_channels")  # as peft's conv layers: in/out_features are the channels
 
     @property
     def out_features(self) -> int:

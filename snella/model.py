@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,9 +38,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.disable_adapters = False
 
     def add(self, adapter_name: str) -> None:
+        """A copy for ``adapter_name``; which copy runs is ``active_adapter``, set by the model."""
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
 
     def forward(self, *args, **kwargs):
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
@@ -58,9 +58,8 @@ class SnellaModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, SnellaConfig] = {}
-        self.active_adapter = adapter_name
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self.active_adapter: Optional[str] = None
+        self.add_adapter(adapter_name, config)  # the first adapter becomes active
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
@@ -75,33 +74,97 @@ class SnellaModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: SnellaConfig) -> None:
-        """Inject a new adapter into every target module (it does not become active by itself)."""
+        """Inject a new adapter into every target module; it is frozen and does not run until ``set_adapter``
+        (with no adapter active, e.g. all deleted, it becomes the active one).
+
+        All or nothing: when it raises, the model is left exactly as it was.
+        """
+        self._add_adapter(adapter_name, config)
+
+    def _add_adapter(self, adapter_name: str, config: SnellaConfig, fill: Optional[Callable[[], None]] = None) -> None:
+        """``add_adapter``, then ``fill()`` (``load_adapter`` copies saved weights in); a failure undoes every change."""
         if not isinstance(config, SnellaConfig):
             raise ValueError(f"config must be a SnellaConfig, got {type(config).__name__}")
         if not _ADAPTER_NAME.fullmatch(adapter_name):
             raise ValueError(f"adapter name {adapter_name!r} is invalid; use letters, digits, '_' or '-'")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
-        targets = resolve_targets(self.base_model, config.target_modules, config.exclude_modules,
-                                  adapted_types=(SnellaLayer,), opaque_types=(ModulesToSaveWrapper,))
-        for name in targets:
-            module = self.base_model.get_submodule(name)
-            if not isinstance(module, SnellaLayer):
-                wrapper = SnellaConv2d(module) if isinstance(module, nn.Conv2d) else SnellaLinear(module)
-                self.base_model.set_submodule(name, wrapper)
-                module = wrapper
-            split = config.split_qkv and is_fused_qkv(name, module.base_layer)
-            module.update_layer(adapter_name, config, split=split, layer_name=name)
-        for name in config.modules_to_save or []:
-            module = self._find_module(name, "modules_to_save")
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                self.base_model.set_submodule(name, module)
-            module.add(adapter_name)
+        # check everything the user named before changing anything
+        targets = self._targets(config)
+        saved = {name: self._saved_module(name) for name in config.modules_to_save or []}
         for name in config.parameters_to_save or []:
             self._find_parameter(name)
-        self.peft_config[adapter_name] = config
+        undo: list[Callable[[], None]] = []  # one step per change, run last first if anything fails
+        try:
+            for name in targets:
+                module = self.base_model.get_submodule(name)
+                if not isinstance(module, SnellaLayer):
+                    module = self._replace(name, SnellaConv2d(module) if isinstance(module, nn.Conv2d)
+                                           else SnellaLinear(module), undo)
+                undo.append(functools.partial(_drop_layer_adapter, module, adapter_name, module.active_adapter))
+                split = config.split_qkv and is_fused_qkv(name, module.base_layer)
+                module.update_layer(adapter_name, config, split=split, layer_name=name)
+                _match_mode(module, module.base_layer)  # new dropout modules take the model's mode
+            for name, module in saved.items():
+                if not isinstance(module, ModulesToSaveWrapper):
+                    module = self._replace(name, ModulesToSaveWrapper(module), undo)
+                undo.append(functools.partial(_drop_copy, module, adapter_name))
+                module.add(adapter_name)
+            self.peft_config[adapter_name] = config
+            undo.append(functools.partial(self.peft_config.pop, adapter_name))
+            if fill is not None:
+                fill()
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+        else:
+            self._set_active(self.active_adapter)  # new layers and copies must not run the new adapter
+            for p in self._adapter_parameters(adapter_name):
+                p.requires_grad_(False)
         logger.info(self.targets_summary(adapter_name))
+
+    def _replace(self, name: str, wrapper: nn.Module, undo: list) -> nn.Module:
+        """Put ``wrapper`` (around the module at ``name``) in its place, in the module's train/eval mode."""
+        original = self.base_model.get_submodule(name)
+        _match_mode(wrapper, original)
+        self.base_model.set_submodule(name, wrapper)
+        undo.append(functools.partial(self.base_model.set_submodule, name, original))
+        return wrapper
+
+    def _targets(self, config: SnellaConfig) -> list[str]:
+        """The modules ``config`` adapts: its targets, less its ``modules_to_save`` and what is inside them.
+
+        As in peft, a saved module is trained in full, so adapting it too would wrap it twice.
+        """
+        saved = config.modules_to_save or []
+        try:
+            return resolve_targets(self.base_model, config.target_modules, _exclude_saved(config.exclude_modules, saved),
+                                   adapted_types=(SnellaLayer,), opaque_types=(ModulesToSaveWrapper,))
+        except ValueError as err:
+            error = err
+        try:  # what the targets would be if saved modules counted: if all are saved, say so
+            unsaved = resolve_targets(self.base_model, config.target_modules, config.exclude_modules,
+                                      adapted_types=(SnellaLayer, ModulesToSaveWrapper))
+        except ValueError:
+            raise error from None
+        if not saved or not all(_inside(name, saved) for name in unsaved):
+            raise error
+        raise ValueError(f"every module that target_modules={config.target_modules!r} selects is in "
+                         f"modules_to_save={saved!r} (or inside one): a saved module is trained in full, not "
+                         "adapted. Target other modules, or remove it from modules_to_save.") from None
+
+    def _saved_module(self, name: str) -> nn.Module:
+        """The module a ``modules_to_save`` entry names, refusing one that an adapter already adapts."""
+        module = self._find_module(name, "modules_to_save")
+        clash = [n for n in self.snella_layers() if _inside(n, [name]) or _inside(name, [n])]
+        if clash:
+            raise ValueError(f"modules_to_save entry {name!r} overlaps layers adapted by an existing adapter "
+                             f"({clash[:3]}); a module is either adapted or trained in full. Save another module "
+                             "or use a separate model.")
+        return module
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one used in forward and the only one trainable."""
@@ -109,36 +172,60 @@ class SnellaModel(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         if self.merged_adapters():
             raise ValueError("unmerge_adapter() before switching adapters: the merged update would stay in the weights")
+        self._set_active(adapter_name)
+        self._mark_trainable(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; deleting the active one activates the first left, or none."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        if adapter_name in self.merged_adapters():
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        for module in self.snella_layers().values():
+            module.delete_adapter(adapter_name)
+        for module in self.base_model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                _drop_copy(module, adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+            else:
+                self._set_active(None)
+
+    def _set_active(self, adapter_name: Optional[str]) -> None:
         for module in self.base_model.modules():
             if isinstance(module, (SnellaLayer, ModulesToSaveWrapper)):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
-        self._mark_trainable(adapter_name)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
-        for module in self.snella_layers().values():
-            module.delete_adapter(adapter_name)
-        for module in self.base_model.modules():
-            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                del module.modules_to_save[adapter_name]  # ModuleDict.pop takes no default
-        del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
-
-    def _mark_trainable(self, adapter_name: str) -> None:
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
+    def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        """The adapter's own parameters: its factors and scalars, and its copies of saved modules."""
         for module in self.base_model.modules():
             if isinstance(module, SnellaLayer):
                 for store in (module.snella_A, module.snella_B, module.snella_alpha, module.snella_gamma, module.snella_beta):
                     if adapter_name in store:
-                        store[adapter_name].requires_grad_(True)
+                        yield store[adapter_name]
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                module.modules_to_save[adapter_name].requires_grad_(True)
+                yield from module.modules_to_save[adapter_name].parameters()
+
+    def _mark_trainable(self, adapter_name: str) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for p in self._adapter_parameters(adapter_name):
+            p.requires_grad_(True)
         for name in self.peft_config[adapter_name].parameters_to_save or []:
             self._find_parameter(name).requires_grad_(True)
+
+    def _adapter(self, adapter_name: Optional[str] = None) -> str:
+        """``adapter_name``, or the active adapter, with a clear error when there is none."""
+        name = adapter_name or self.active_adapter
+        if name is None:
+            raise ValueError("no adapter is active (the last one was deleted); add one with add_adapter() "
+                             "or load_adapter() first")
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
+        return name
 
     def _find_module(self, name: str, field: str) -> nn.Module:
         try:
@@ -179,7 +266,7 @@ class SnellaModel(nn.Module):
         """The adapted matrices of an adapter as ``allocator.MatrixRef``s, for the budget allocator."""
         from .allocator import MatrixRef
 
-        name = adapter_name or self.active_adapter
+        name = self._adapter(adapter_name)
         refs = []
         for layer_name, layer in self.snella_layers().items():
             if name not in layer.adapter_config:
@@ -211,6 +298,7 @@ class SnellaModel(nn.Module):
 
     def merge_adapter(self, safe_merge: bool = False) -> None:
         """Add the active adapter's update into the base weights (no inference cost; idempotent)."""
+        self._adapter()
         for layer in self.snella_layers().values():
             layer.merge(safe_merge=safe_merge)
 
@@ -254,7 +342,7 @@ class SnellaModel(nn.Module):
 
         Keys drop the adapter name (``blocks.0.attn.qkv.snella_A``), so a file loads under any name.
         """
-        name = adapter_name or self.active_adapter
+        name = self._adapter(adapter_name)
         config = self.peft_config[name]
         state: dict[str, torch.Tensor] = {}
         for layer_name, layer in self.snella_layers().items():
@@ -275,9 +363,9 @@ class SnellaModel(nn.Module):
 
     def save_pretrained(self, save_directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json``: never the base weights or dW."""
+        name = self._adapter(adapter_name)
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        name = adapter_name or self.active_adapter
         state = {k: v.cpu().contiguous() for k, v in self.adapter_state_dict(name).items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "library": "snella"})
@@ -288,23 +376,21 @@ class SnellaModel(nn.Module):
 
     def load_adapter(self, directory: Union[str, Path], adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
-        """Add an adapter from ``save_pretrained`` output and make it active."""
-        directory = Path(directory)
-        config = SnellaConfig.load(directory)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"no adapter weights at {weights}; expected the output of save_pretrained()")
-        state = load_file(str(weights))
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_state(adapter_name, state, weights)
-        except ValueError:
-            self.delete_adapter(adapter_name)
-            raise
+        """Add an adapter from ``save_pretrained`` output and make it active.
+
+        Unless ``is_trainable``, everything is frozen and the model is put in eval mode, as peft does.
+        A file that does not fit leaves the model as it was.
+        """
+        config, state, weights = _read_adapter(directory)
+        self._add_adapter(adapter_name, config, fill=lambda: self._load_state(adapter_name, state, weights))
         self.set_adapter(adapter_name)
         if not is_trainable:
-            for p in self.parameters():
-                p.requires_grad_(False)
+            self._freeze_for_inference()
+
+    def _freeze_for_inference(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
 
     def _load_state(self, adapter_name: str, state: dict[str, torch.Tensor], source: Path) -> None:
         expected = self.adapter_state_dict(adapter_name)
@@ -332,17 +418,65 @@ class SnellaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: Union[str, Path], adapter_name: str = "default",
                         is_trainable: bool = False) -> "SnellaModel":
-        """Wrap ``model`` and load a saved adapter into it (frozen unless ``is_trainable``)."""
-        config = SnellaConfig.load(directory)
+        """Wrap ``model`` and load a saved adapter into it; unless ``is_trainable``, frozen and in eval mode.
+
+        A file that does not fit leaves ``model`` as it was.
+        """
+        config, state, weights = _read_adapter(directory)
         wrapped = cls(model, config, adapter_name)
-        weights = Path(directory) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"no adapter weights at {weights}; expected the output of save_pretrained()")
-        wrapped._load_state(adapter_name, load_file(str(weights)), weights)
+        try:
+            wrapped._load_state(adapter_name, state, weights)
+        except BaseException:
+            wrapped._unload(keep_copies=False)  # a fresh wrapper: unloading it gives back the model untouched
+            raise
         if not is_trainable:
-            for p in wrapped.parameters():
-                p.requires_grad_(False)
+            wrapped._freeze_for_inference()
         return wrapped
+
+
+def _read_adapter(directory: Union[str, Path]) -> tuple[SnellaConfig, dict[str, torch.Tensor], Path]:
+    """The config, the tensors and the weights' path of a ``save_pretrained`` folder, before touching any model."""
+    config = SnellaConfig.load(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no adapter weights at {weights}; expected the output of save_pretrained()")
+    return config, load_file(str(weights)), weights
+
+
+def _drop_layer_adapter(layer: SnellaLayer, adapter_name: str, active: Optional[str]) -> None:
+    """Undo ``update_layer`` (whole or partial) on a layer, giving it back its active adapter."""
+    layer.delete_adapter(adapter_name)
+    layer.active_adapter = active
+
+
+def _match_mode(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Give ``wrapper``'s own modules the train/eval mode of ``inner``, leaving the modules inside ``inner`` as they are."""
+    inside = set(inner.modules())
+    for module in wrapper.modules():
+        if module not in inside:
+            module.training = inner.training
+
+
+def _drop_copy(wrapper: ModulesToSaveWrapper, adapter_name: str) -> None:
+    if adapter_name in wrapper.modules_to_save:  # ModuleDict.pop takes no default
+        del wrapper.modules_to_save[adapter_name]
+
+
+def _inside(name: str, modules: list[str]) -> bool:
+    """True when the module ``name`` is one of ``modules`` or inside one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _exclude_saved(exclude: Optional[Union[list[str], str]], saved: list[str]) -> Optional[Union[list[str], str]]:
+    """``exclude_modules`` widened to the saved modules and everything inside them, as one regex."""
+    if not saved:
+        return exclude
+    parts = [rf"{re.escape(name)}(?:\..*)?" for name in saved]
+    if isinstance(exclude, str):
+        parts.append(exclude)
+    elif exclude:
+        parts += [rf"(?:.*\.)?{re.escape(name)}" for name in exclude]  # a list entry matches a name or a suffix
+    return "|".join(f"(?:{part})" for part in parts)
 
 
 def _umask() -> int:

@@ -276,3 +276,125 @@ def test_layer_with_float64_base_keeps_float64_factors():
     assert layer.snella_A["default"].dtype == torch.float64
     x = torch.randn(2, 8, dtype=torch.float64)
     assert layer(x).dtype == torch.float64
+
+
+# ---------------------------------------------------------------- what the wrapper exposes, adapters re-added
+
+
+@pytest.mark.parametrize("name", ["linear", *CONVS])
+def test_layer_exposes_the_base_layer_attributes(name):
+    """Code that reads ``in_features`` / ``kernel_size`` ... of a layer reads the base layer's, as with peft."""
+    base = nn.Linear(8, 6) if name == "linear" else CONVS[name]()
+    layer = adapted(base)
+    if name == "linear":
+        assert (layer.in_features, layer.out_features) == (8, 6)
+        return
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(layer, attr) == getattr(base, attr), attr
+    assert (layer.in_features, layer.out_features) == (base.in_channels, base.out_channels)
+
+
+@pytest.mark.parametrize("second", [dict(chunks=4), dict(chunk_scale=0.5), dict(chunks=1, kernel="piecewise")])
+def test_adapter_readded_under_its_name_gets_its_own_chunk_coefficients(second):
+    """The coefficient cache must not hand a re-added adapter the coefficients of the one deleted."""
+    layer = adapted(nn.Linear(8, 6))
+    layer.get_delta_weight("default")  # fills the cache with chunks=2, chunk_scale=0.1
+    layer.delete_adapter("default")
+    config = SnellaConfig(**{"r": 4, "sparsity": 0.3, **second})
+    layer.update_layer("default", config, split=False, layer_name="layer")
+    with torch.no_grad():
+        torch.testing.assert_close(layer.get_delta_weight("default"),
+                                   reference_delta(layer, layer.factors("default"), config), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- hooks on the base layer
+
+
+def run_paths(layer: SnellaLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The layer's output on each path: fused, parallel (dropout in training, seeded), disabled, merged."""
+    out = {}
+    with torch.no_grad():
+        out["fused"] = layer.eval()(x)
+        torch.manual_seed(7)
+        out["parallel"] = layer.train()(x)
+        layer.eval()
+        layer.disable_adapters = True
+        out["disabled"] = layer(x)
+        layer.disable_adapters = False
+        w0 = layer.base_layer.weight.clone()
+        layer.merge()
+        out["merged"] = layer(x)
+        layer.unmerge()
+        layer.base_layer.weight.copy_(w0)  # W0 exactly, not W0 + dW - dW: every run sees the same layer
+    return out
+
+
+@pytest.mark.parametrize("base", [lambda: nn.Linear(8, 6), CONVS["3x3-stride2-pad1"]], ids=["linear", "conv"])
+def test_hooks_on_the_base_layer_run_around_the_adapted_computation(base):
+    """Forward pre-hooks on ``base_layer`` change the layer's input, forward hooks its output, on every path,
+    each once per call, as if ``base_layer`` computed the adapted map."""
+    layer = adapted(base(), adapter_dropout=0.25)
+    x = torch.randn(3, 8) if isinstance(layer, SnellaLinear) else conv_input(layer.base_layer)
+    plain, doubled = run_paths(layer, x), run_paths(layer, 2 * x)
+    calls = []
+    seen = {}
+
+    def pre_hook(module, args):
+        calls.append("pre")
+        assert module is layer.base_layer
+        return (args[0] * 2,)
+
+    def hook(module, args, output):
+        calls.append("hook")
+        seen["input"], seen["output"] = args[0], output
+        return output + 1
+
+    handles = [layer.base_layer.register_forward_pre_hook(pre_hook), layer.base_layer.register_forward_hook(hook)]
+    hooked = run_paths(layer, x)
+    assert calls == ["pre", "hook"] * 4
+    for path in plain:
+        assert torch.equal(hooked[path], doubled[path] + 1), path
+        assert not torch.equal(hooked[path], plain[path] + 1), path
+    assert torch.equal(seen["input"], 2 * x) and torch.equal(seen["output"] + 1, hooked["merged"])
+
+    for handle in handles:  # removed, they no longer run
+        handle.remove()
+    again = run_paths(layer, x)
+    assert all(torch.equal(again[p], plain[p]) for p in plain) and len(calls) == 8
+
+
+def test_base_layer_hooks_with_kwargs_always_call_and_the_wrapper_s_own_hooks():
+    layer = adapted(nn.Linear(8, 6))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = layer(x)
+        y_half = layer(x / 2)
+    order = []
+    layer.register_forward_pre_hook(lambda m, args: order.append("layer pre"))
+    layer.register_forward_hook(lambda m, args, out: order.append("layer hook") or out * 3)
+    base = layer.base_layer
+    base.register_forward_pre_hook(lambda m, args, kwargs: order.append("base pre") or ((args[0] / 2,), kwargs),
+                                   with_kwargs=True)
+    base.register_forward_hook(lambda m, args, kwargs, out: order.append("base hook") or out - 1, with_kwargs=True)
+    with torch.no_grad():
+        out = layer(x)
+    assert order == ["layer pre", "base pre", "base hook", "layer hook"]  # nested as torch nests modules
+    assert torch.equal(out, (y_half - 1) * 3)
+    assert not torch.equal(out, (y - 1) * 3)
+
+    failed = []
+    base.register_forward_hook(lambda m, args, out: failed.append(out), always_call=True)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(3, 5))  # wrong width: the adapted op raises, the always_call hook still runs
+    assert failed == [None]
+    with torch.no_grad():
+        assert torch.equal(layer(x), (y_half - 1) * 3)  # the hooks are all still in place after the error
+
+
+def test_backward_hooks_on_the_base_layer_warn():
+    layer = adapted(nn.Linear(8, 6))
+    layer.base_layer.register_full_backward_hook(lambda m, grad_in, grad_out: None)
+    layer.base_layer.register_forward_hook(lambda m, args, out: None)
+    with pytest.warns(UserWarning, match="backward hooks"):
+        layer(torch.randn(3, 8))

@@ -453,3 +453,244 @@ def test_adapter_dropout_skips_the_attention_output_projection(tiny):
         assert torch.equal(y_train, proj.eval()(x))  # no dropout on proj: training output is deterministic
     everywhere = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, adapter_dropout=0.1, adapter_dropout_exclude=None))
     assert all(isinstance(layer.snella_dropout["default"], nn.Dropout) for layer in everywhere.snella_layers().values())
+
+
+# ---------------------------------------------------------------- the adapter contract (as peft states it)
+
+
+def structure(model: nn.Module) -> list[tuple[str, type, bool]]:
+    """Every module's name, type and train/eval mode."""
+    return [(n, type(m), m.training) for n, m in model.named_modules()]
+
+
+def flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_a_saved_module_is_trained_in_full_not_adapted(tiny, tmp_path):
+    """A module both targeted and in modules_to_save is only saved (peft: modules_to_save wins)."""
+    base, wrapped, x = trained(tiny, "vit", sparsity=0.3, target_modules=["qkv", "head"], modules_to_save=["head"])
+    head = wrapped.base_model.head
+    assert type(head.original_module) is nn.Linear and type(head.modules_to_save["default"]) is nn.Linear
+    assert sorted(wrapped.snella_layers()) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad and ".snella_" not in n} == \
+           {"base_model.head.modules_to_save.default.weight", "base_model.head.modules_to_save.default.bias"}
+    with torch.no_grad():
+        y = wrapped(x)
+        assert_differs(y, base(x))
+    wrapped.save_pretrained(tmp_path)
+    assert {k for k in load_file(str(tmp_path / WEIGHTS_NAME)) if k.startswith("head")} == {"head.weight", "head.bias"}
+    loaded = SnellaModel.from_pretrained(tiny.model("vit"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+        plain = wrapped.merge_and_unload()
+        assert type(plain.head) is nn.Linear and set(plain.state_dict()) == set(base.state_dict())
+        torch.testing.assert_close(plain(x), y, atol=1e-5, rtol=0)
+
+    # what is inside a saved module is not adapted either
+    inside = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, modules_to_save=["blocks.1"]))
+    assert sorted(inside.snella_layers()) == [f"blocks.0.{n}" for n in ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")]
+
+
+def test_targeting_only_saved_modules_is_an_error(tiny):
+    model = tiny.model("vit")
+    before = structure(model)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\].*trained in full"):
+        get_snella_model(model, SnellaConfig(r=4, target_modules=["head"], modules_to_save=["head"]))
+    assert structure(model) == before
+    wrapped = get_snella_model(model, SnellaConfig(r=4, target_modules=["fc1"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\]"):  # head already holds a saved copy
+        wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["head"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="'head' is a ModulesToSaveWrapper"):  # saved by "default", not by "second"
+        wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["head"], modules_to_save=["norm"]))
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp'.*blocks.0.mlp.fc1"):  # adapted by "default"
+        wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["qkv"], modules_to_save=["blocks.0.mlp"]))
+    assert list(wrapped.peft_config) == ["default"]
+
+
+class FailOnThirdLayer:
+    """An ``update_layer`` that fails on its third call, after two layers were adapted."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = SnellaLayer.update_layer
+
+        def update_layer(layer, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return original(layer, *args, **kwargs)
+
+        monkeypatch.setattr(SnellaLayer, "update_layer", update_layer)
+
+
+BAD_CONFIGS = {
+    "modules_to_save typo": (dict(modules_to_save=["haed"]), ValueError, "'haed'"),
+    "parameters_to_save typo": (dict(modules_to_save=["head"], parameters_to_save=["cls_tokn"]), ValueError,
+                                "'cls_tokn'"),
+    "failure while injecting": (dict(modules_to_save=["head"]), RuntimeError, "simulated"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_failed_get_snella_model_leaves_the_model_as_it_was(tiny, monkeypatch, case):
+    config, error, message = BAD_CONFIGS[case]
+    model = tiny.model("vit")
+    x = tiny.inputs("vit")
+    state, before, grads = copy.deepcopy(model.state_dict()), structure(model), flags(model)
+    with torch.no_grad():
+        y = model(x)
+    if error is RuntimeError:
+        FailOnThirdLayer(monkeypatch)
+    with pytest.raises(error, match=message):
+        get_snella_model(model, SnellaConfig(r=4, **config))
+    assert structure(model) == before and flags(model) == grads
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_failed_add_adapter_leaves_the_existing_adapter_and_no_trace(tiny, monkeypatch, case):
+    config, error, message = BAD_CONFIGS[case]
+    x = tiny.inputs("vit")
+    wrapped = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, sparsity=0.3, target_modules=["qkv"]))
+    tiny.train(wrapped, x, steps=2)
+    state, before, grads = copy.deepcopy(wrapped.state_dict()), structure(wrapped), flags(wrapped)
+    with torch.no_grad():
+        y = wrapped(x)
+    if error is RuntimeError:
+        FailOnThirdLayer(monkeypatch)
+    with pytest.raises(error, match=message):  # targets fc1 too: new wrappers, then the failure
+        wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["qkv", "fc1"], **config))
+    assert list(wrapped.peft_config) == ["default"]
+    assert all(list(layer.adapter_config) == ["default"] for layer in wrapped.snella_layers().values())
+    assert structure(wrapped) == before and flags(wrapped) == grads
+    assert set(wrapped.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items() if not k.endswith("_extra_state"))
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), y)
+    monkeypatch.undo()
+    wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["qkv", "fc1"], modules_to_save=["head"]))
+    assert sorted(wrapped.peft_config) == ["default", "second"]
+
+
+def test_failed_load_leaves_the_model_as_it_was(tiny, tmp_path):
+    x = tiny.inputs("vit")
+    get_snella_model(tiny.model("vit"), SnellaConfig(r=8, modules_to_save=["head"])).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"r": 8', '"r": 16'))  # the file no longer fits
+    model = tiny.model("vit")
+    before = structure(model)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        SnellaModel.from_pretrained(model, tmp_path)
+    assert structure(model) == before
+
+    wrapped = get_snella_model(model, SnellaConfig(r=4, target_modules=["qkv"]))
+    before, grads = structure(wrapped), flags(wrapped)
+    with torch.no_grad():
+        y = wrapped(x)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        wrapped.load_adapter(tmp_path, adapter_name="other")
+    assert structure(wrapped) == before and flags(wrapped) == grads and list(wrapped.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), y)
+
+
+def test_an_added_adapter_is_frozen_and_changes_nothing_that_runs(tiny, snapshot):
+    x = tiny.inputs("vit")
+    wrapped = get_snella_model(tiny.model("vit"), SnellaConfig(r=4, sparsity=0.3, target_modules=["qkv"]))
+    tiny.train(wrapped, x, steps=2)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        y = wrapped(x)
+    # new layers (fc1) and a new head copy: none may run or train while "default" is active
+    wrapped.add_adapter("second", SnellaConfig(r=4, target_modules=["qkv", "fc1"], modules_to_save=["head"]))
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == trainable
+    assert wrapped.base_model.head.active_adapter == "default"
+    assert all(layer.active_adapter == "default" for layer in wrapped.snella_layers().values())
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), y)
+    before = snapshot(wrapped)
+    tiny.train(wrapped, x, steps=2)
+    assert {n for n, p in wrapped.named_parameters() if not torch.equal(p, before[n])} == trainable
+
+    wrapped.set_adapter("second")
+    second = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert second and all(".second" in n for n in second)
+    assert "base_model.head.modules_to_save.second.weight" in second
+    assert any(".mlp.fc1.snella_A.second" in n for n in second)
+
+
+def test_deleting_the_last_adapter_leaves_none_active(tiny, tmp_path):
+    base, wrapped, x = trained(tiny, "vit", sparsity=0.3, modules_to_save=["head"])
+    wrapped.merge_adapter()
+    with pytest.raises(ValueError, match="'default' is merged; unmerge"):
+        wrapped.delete_adapter("default")
+    wrapped.unmerge_adapter()
+    wrapped.delete_adapter("default")
+    assert wrapped.active_adapter is None and wrapped.peft_config == {}
+    assert all(m.active_adapter is None for m in wrapped.base_model.modules() if hasattr(m, "active_adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), base(x), atol=1e-5, rtol=0)  # W0 + dW - dW rounding
+    for call in (lambda: wrapped.save_pretrained(tmp_path), wrapped.merge_adapter, wrapped.merge_and_unload,
+                 wrapped.matrices):
+        with pytest.raises(ValueError, match="no adapter is active.*add one"):
+            call()
+    assert not (tmp_path / WEIGHTS_NAME).exists()
+
+    wrapped.add_adapter("new", SnellaConfig(r=4))  # with none active, the new one becomes active
+    assert wrapped.active_adapter == "new"
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == \
+           {n for n, _ in wrapped.named_parameters() if ".snella_" in n}
+    plain = wrapped.unload()
+    assert [(n, type(m)) for n, m in plain.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_wrapping_and_loading_keep_or_set_the_mode_as_peft(tiny, tmp_path, mode):
+    """Adapted layers take the model's mode; loading for inference puts it in eval mode, as peft does."""
+    x = tiny.inputs("vit")
+    wrapped = get_snella_model(tiny.model("vit").train(mode == "train"),
+                               SnellaConfig(r=4, adapter_dropout=0.5, modules_to_save=["head"]))
+    assert {m.training for m in wrapped.base_model.modules()} == {mode == "train"}
+    if mode == "eval":  # eval means no dropout on the adapter branch either: the same output twice
+        with torch.no_grad():
+            assert torch.equal(wrapped(x), wrapped(x))
+    wrapped.save_pretrained(tmp_path)
+    model = tiny.model("vit").train(mode == "train")
+    model.head = nn.Sequential(nn.Dropout(0.1).train(mode != "train"), model.head)  # a mixed-mode module
+    get_snella_model(model, SnellaConfig(r=4, modules_to_save=["head"]))
+    assert model.head.original_module[0].training == (mode != "train")  # wrapping kept the modes inside it
+
+    for is_trainable in (False, True):
+        loaded = SnellaModel.from_pretrained(tiny.model("vit").train(mode == "train"), tmp_path,
+                                             is_trainable=is_trainable)
+        expected = {mode == "train"} if is_trainable else {False}
+        assert {m.training for m in loaded.base_model.modules()} == expected
+        target = get_snella_model(tiny.model("vit").train(mode == "train"), SnellaConfig(r=4))
+        target.load_adapter(tmp_path, adapter_name="loaded", is_trainable=is_trainable)
+        assert {m.training for m in target.base_model.modules()} == expected
+        assert any(p.requires_grad for p in target.parameters()) == is_trainable
+
+
+def test_hooks_on_a_wrapped_base_layer_see_the_adapted_features(tiny):
+    """Feature extraction with a hook on ``layer.base_layer``: the hook sees, and may change, what the layer gives."""
+    _, wrapped, x = trained(tiny, "vit", sparsity=0.3)
+    fc1 = wrapped.base_model.blocks[0].mlp.fc1
+    features = {}
+    handles = [fc1.register_forward_pre_hook(lambda m, args: features.__setitem__("input", args[0])),
+               fc1.register_forward_hook(lambda m, args, out: features.__setitem__("layer", out)),
+               fc1.base_layer.register_forward_hook(lambda m, args, out: features.__setitem__("base", out))]
+    with torch.no_grad():
+        y = wrapped(x)
+        assert torch.equal(features["base"], features["layer"])
+        assert_differs(features["base"], nn.functional.linear(features["input"], fc1.base_layer.weight,
+                                                              fc1.base_layer.bias))  # not W0's features
+    for handle in handles:
+        handle.remove()
+    fc1.base_layer.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+    with torch.no_grad():
+        assert not torch.equal(wrapped(x), y)  # a hook that replaces the output is honoured
+        assert torch.equal(fc1(torch.ones(2, 48)), torch.zeros(2, 192))

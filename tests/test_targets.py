@@ -326,7 +326,7 @@ def test_peft_layer_is_refused_with_its_base_layer_named(tiny):
     with torch.no_grad():
         with wrapped.disable_adapter():
             torch.testing.assert_close(wrapped(x), y_peft, atol=0, rtol=0)
-        assert (wrapped(x) - y_peft).abs().max() > 1e-3
+        assert (wrapped(x) - y_peft).abs().max() > 1e-5  # K' |K'| at init: small, but not nothing
 
 
 # ---------------------------------------------------------------- user-given targets
