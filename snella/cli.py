@@ -51,7 +51,7 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
 
 
 def merge(run: str, output: str) -> dict[str, Any]:
-    """Fold a run's adapter into its backbone; write a timm checkpoint + JSON loadable without snella."""
+    """Fold a run's adapter into its backbone; write a timm (hf: runs: transformers) checkpoint + JSON loadable without snella."""
     from snella.training.tools import merge as run_merge
 
     return run_merge(run, output)

@@ -73,11 +73,12 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
 
 
 def merge(run: str, output: str) -> dict[str, Any]:
-    """Fold a run's adapter into its backbone and write a plain timm checkpoint that loads without snella.
+    """Fold a run's adapter into its backbone and write a plain checkpoint that loads without snella.
 
-    Writes ``output`` (a safetensors state dict) and ``output`` with suffix .json (how to build the
-    architecture: ``timm.models.VisionTransformer(**vit_kwargs)`` or ``timm.create_model(**create_model)``,
-    plus the classes and input transform).
+    Writes ``output`` (a safetensors state dict, mode 0666 & ~umask) and ``output`` with suffix .json
+    (how to build the architecture: ``timm.models.VisionTransformer(**vit_kwargs)`` or
+    ``timm.create_model(**create_model)``; for a Hugging Face run (``hf:`` model) its transformers
+    config, ``transformers_config``; plus the classes, the input transform and a "load" line).
 
     Args:
         run: the run's output folder.
