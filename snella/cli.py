@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -140,7 +141,30 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    finetune(config_from_args(args))  # the loop prints its own summary
+    try:
+        finetune(config_from_args(args))  # the loop prints its own summary
+    except ValueError as err:
+        raise ValueError(cli_wording(str(err))) from err
+
+
+# A module name list for --target-modules that fits each default family, for the message below.
+_TARGET_EXAMPLES = ("e.g. --target-modules qkv proj fc1 fc2 (timm transformers), --target-modules conv1 conv2 "
+                    "(ResNet), or full names such as blocks.0.attn.qkv")
+
+
+def cli_wording(message: str) -> str:
+    """A library error rewritten for the command line: ``SnellaConfig(target_modules=...)`` -> ``--target-modules``.
+
+    The library names its Python arguments; here the user can only pass flags, so a message about
+    the adapted modules says which flag to pass and gives examples.
+    """
+    if "target_modules" not in message:
+        return message
+    message = re.sub(r"SnellaConfig\(target_modules=[^)]*\)", "--target-modules NAME [NAME ...]", message)
+    message = re.sub(r"target_modules=\[([^\]]*)\]",  # a list as Python prints it -> the flag as typed
+                     lambda m: "--target-modules " + " ".join(re.findall(r"'([^']*)'", m.group(1))), message)
+    message = re.sub(r"(?<!-)target_modules", "--target-modules", message)
+    return f"{message.rstrip()} (pass module names or name suffixes to --target-modules, {_TARGET_EXAMPLES})"
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:

@@ -241,3 +241,18 @@ def test_merged_checkpoint_loads_without_snella(run_fixture, recipe, library, re
     assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-4)
     assert cli.main(["merge", "--run", str(run), "--output", str(tmp_path / "m.pt")]) == 2
     assert "ending in .safetensors" in capsys.readouterr().err
+
+
+def test_a_model_without_default_targets_is_told_to_pass_target_modules(tmp_path: Path, capsys):
+    # A ResNet: no family of snella/targets.py matches its convs.
+    args = ["finetune", "--model", "resnet18", "--image-size", "28", "--train-limit", "8", "--test-limit", "8",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--no-progress"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snella finetune: error: no default targets for ResNet: pass --target-modules NAME"), err
+    assert "SnellaConfig(" not in err and "layer1.0.conv1" in err  # the modules that exist are listed
+    assert "e.g. --target-modules qkv proj fc1 fc2" in err
+    # The advice works: the example for ResNet trains.
+    assert cli.main([*args, "--output-dir", str(tmp_path / "b"), "--target-modules", "conv1", "conv2"]) == 0
+    assert cli.main([*args, "--output-dir", str(tmp_path / "c"), "--target-modules", "nothing_here"]) == 2
+    assert "--target-modules nothing_here matched no module of ResNet" in capsys.readouterr().err
