@@ -37,7 +37,11 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
 
 def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
              precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split)."""
+    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split).
+
+    Images go through the run's eval transform; with transform 'none' (the default run's), images of
+    another size than the model's input are first resized to it (bicubic), as `snella predict` does.
+    """
     from snella.training.tools import evaluate as run_evaluate
 
     return run_evaluate(run, data, split, batch_size, precision, device, limit)
@@ -45,7 +49,14 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
             device: str = "auto") -> list[dict[str, Any]]:
-    """Top-k labels, with probabilities, of image files or folders of images."""
+    """Top-k labels, with probabilities, of image files or folders of images.
+
+    Any image is brought to the run's input as the run's eval transform (saved in its run.json) does:
+    converted to the run's channels (grey copied to RGB, RGB to grey luma, an alpha channel dropped),
+    resized to the model's input size (transform 'none' and 'vtab': bicubic to image_size x image_size,
+    aspect not kept; 'fgvc': the short side to image_size * 256/224, then the central square), scaled
+    to [0, 1] and normalised with the run's mean and std. Images already at the input size are not resized.
+    """
     from snella.training.tools import predict as run_predict
 
     return run_predict(run, images, top_k, batch_size, precision, device)
