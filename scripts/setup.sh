@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv/ in the repository root and install snella with pinned dependencies.
+# Create .venv/ in the repository root and install snella with pinned dependencies, and make sure the
+# Debian package dataset-fashion-mnist is installed (scripts/fashion-mnist.sh: installs it or says how).
 # Idempotent: a second run only re-checks the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System data the README's commands read (not pip-installable): checked on every run, a file test once present.
+bash scripts/fashion-mnist.sh
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x .venv/bin/python ]; then

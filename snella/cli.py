@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -36,7 +37,11 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
 
 def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
              precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split)."""
+    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split).
+
+    Images go through the run's eval transform; with transform 'none' (the default run's), images of
+    another size than the model's input are first resized to it (bicubic), as `snella predict` does.
+    """
     from snella.training.tools import evaluate as run_evaluate
 
     return run_evaluate(run, data, split, batch_size, precision, device, limit)
@@ -44,14 +49,21 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
             device: str = "auto") -> list[dict[str, Any]]:
-    """Top-k labels, with probabilities, of image files or folders of images."""
+    """Top-k labels, with probabilities, of image files or folders of images.
+
+    Any image is brought to the run's input as the run's eval transform (saved in its run.json) does:
+    converted to the run's channels (grey copied to RGB, RGB to grey luma, an alpha channel dropped),
+    resized to the model's input size (transform 'none' and 'vtab': bicubic to image_size x image_size,
+    aspect not kept; 'fgvc': the short side to image_size * 256/224, then the central square), scaled
+    to [0, 1] and normalised with the run's mean and std. Images already at the input size are not resized.
+    """
     from snella.training.tools import predict as run_predict
 
     return run_predict(run, images, top_k, batch_size, precision, device)
 
 
 def merge(run: str, output: str) -> dict[str, Any]:
-    """Fold a run's adapter into its backbone; write a timm checkpoint + JSON loadable without snella."""
+    """Fold a run's adapter into its backbone; write a timm (hf: runs: transformers) checkpoint + JSON loadable without snella."""
     from snella.training.tools import merge as run_merge
 
     return run_merge(run, output)
@@ -140,7 +152,30 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    finetune(config_from_args(args))  # the loop prints its own summary
+    try:
+        finetune(config_from_args(args))  # the loop prints its own summary
+    except ValueError as err:
+        raise ValueError(cli_wording(str(err))) from err
+
+
+# A module name list for --target-modules that fits each default family, for the message below.
+_TARGET_EXAMPLES = ("e.g. --target-modules qkv proj fc1 fc2 (timm transformers), --target-modules conv1 conv2 "
+                    "(ResNet), or full names such as blocks.0.attn.qkv")
+
+
+def cli_wording(message: str) -> str:
+    """A library error rewritten for the command line: ``SnellaConfig(target_modules=...)`` -> ``--target-modules``.
+
+    The library names its Python arguments; here the user can only pass flags, so a message about
+    the adapted modules says which flag to pass and gives examples.
+    """
+    if "target_modules" not in message:
+        return message
+    message = re.sub(r"SnellaConfig\(target_modules=[^)]*\)", "--target-modules NAME [NAME ...]", message)
+    message = re.sub(r"target_modules=\[([^\]]*)\]",  # a list as Python prints it -> the flag as typed
+                     lambda m: "--target-modules " + " ".join(re.findall(r"'([^']*)'", m.group(1))), message)
+    message = re.sub(r"(?<!-)target_modules", "--target-modules", message)
+    return f"{message.rstrip()} (pass module names or name suffixes to --target-modules, {_TARGET_EXAMPLES})"
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:

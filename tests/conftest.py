@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny seeded models of every supported family, their inputs, and a short training loop."""
+"""Shared fixtures: tiny seeded models of every supported family, their inputs, a short training loop, and
+Fashion-MNIST (skipped where it is missing, except in CI, where its absence fails)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -108,3 +110,33 @@ def snapshot() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
         return {n: p.detach().clone() for n, p in module.named_parameters()}
 
     return take
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (CI=true there): what a newcomer's machine lacks must fail, not skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(message: str) -> None:
+    """Skip the test for data this machine lacks; in CI, fail it with ``message`` (which says how to install it)."""
+    if in_ci():
+        pytest.fail(f"{message}\nIn CI this is a failure, not a skip: scripts/setup.sh installs it.", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def missing_data() -> Callable[[str], None]:
+    """``missing(message)``: skip here, fail in CI."""
+    return missing
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_parts():
+    """Fashion-MNIST's arrays (Debian package dataset-fashion-mnist); missing: skipped here, failed in CI, since
+    the README's `snella bench accuracy` and `snella pretrain` need it."""
+    from snella.data.builtin import fashion_mnist
+
+    try:
+        return fashion_mnist()
+    except FileNotFoundError as error:
+        missing(f"Fashion-MNIST is not installed: {error}")

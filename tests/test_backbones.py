@@ -314,6 +314,41 @@ def test_npz_of_other_depth_is_refused_and_model_unchanged(tmp_path: Path) -> No
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
+def _damaged(data: bytes) -> dict[str, bytes]:
+    """Broken versions of a good file's bytes: cut in half, one byte flipped in its middle, garbage, empty."""
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    return {"truncated": data[: len(data) // 2], "flipped": bytes(flipped), "garbage": b"not weights " * 40,
+            "empty": b""}
+
+
+@pytest.mark.parametrize("ext", [".npz", ".pth", ".safetensors"])
+def test_damaged_weight_file_error_names_the_file_and_leaves_the_model(tmp_path: Path, ext: str) -> None:
+    src = tiny_vit(seed=0)
+    good = tmp_path / f"good{ext}"
+    if ext == ".npz":
+        vit_to_npz(src, good)
+    elif ext == ".pth":
+        torch.save(src.state_dict(), good)
+    else:
+        save_file(src.state_dict(), str(good))
+    dst = tiny_vit(seed=1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    failed = []
+    for kind, blob in _damaged(good.read_bytes()).items():
+        path = tmp_path / f"{kind}-weights{ext}"
+        path.write_bytes(blob)
+        try:
+            load_weights(dst, path)
+        except ValueError as err:
+            assert str(path) in str(err), (kind, str(err))
+            failed.append(kind)
+    # A flipped byte inside a float of a .pth/.safetensors is a valid file with another value: it may load.
+    assert set(failed) >= {"truncated", "garbage", "empty"} | ({"flipped"} if ext == ".npz" else set())
+    if "flipped" in failed:
+        assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
 def test_npz_into_model_without_loader_is_refused(tmp_path: Path) -> None:
     vit_to_npz(tiny_vit(), tmp_path / "w.npz")
     with pytest.raises(ValueError, match=r"w\.npz.*Linear does not"):

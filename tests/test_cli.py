@@ -183,17 +183,43 @@ def test_predict_gives_sorted_top_k_labels(full_run, stripes, capsys):
     assert "broken.png" in capsys.readouterr().err
 
 
-def test_merged_checkpoint_loads_without_snella(snella_run, tmp_path: Path, capsys):
+@pytest.fixture(scope="module")
+def hf_run(stripes, tmp_path_factory) -> Path:
+    """SNELLA on a tiny Hugging Face ViT folder (an hf: run)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    folder = tmp_path_factory.mktemp("hf") / "vit"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(folder)
+    out = tmp_path_factory.mktemp("hfrun") / "run"
+    assert cli.main(["finetune", "--model", f"hf:{folder}", "--data", str(stripes), "--epochs", "1", "--batch-size",
+                     "16", "--warmup-epochs", "0", "--output-dir", str(out), "--skip-bad-images", "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("run_fixture, recipe, library", [("snella_run", "vit_kwargs", "timm"),
+                                                          ("hf_run", "transformers_config", "transformers")])
+def test_merged_checkpoint_loads_without_snella(run_fixture, recipe, library, request, tmp_path: Path, capsys):
+    run = request.getfixturevalue(run_fixture)
     output = tmp_path / "merged" / "model.safetensors"
-    assert cli.main(["merge", "--run", str(snella_run), "--output", str(output)]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert cli.main(["merge", "--run", str(run), "--output", str(output)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert output.stat().st_mode & 0o777 == 0o644  # not safetensors' own 0600
     info = json.loads(output.with_suffix(".json").read_text())
+    assert recipe in info and library in info["load"]
     assert info["classes"] == ["horizontal", "vertical"] and info["max_abs_logit_diff"] < 1e-4
     x = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
-        expected = load_run(snella_run, "cpu").model(x)  # the tuned model, adapter not merged
+        expected = load_run(run, "cpu").model(x)  # the tuned model, adapter not merged
+    # The JSON's own "load" line, with its JSON and WEIGHTS placeholders filled in, in a process without snella.
+    load = info["load"].replace("JSON", repr(str(output.with_suffix(".json")))).replace("WEIGHTS", repr(str(output)))
     script = textwrap.dedent(f"""
-        import json, sys
+        import sys
         sys.modules["snella"] = None  # as if snella were not installed
         try:
             import snella
@@ -201,12 +227,11 @@ def test_merged_checkpoint_loads_without_snella(snella_run, tmp_path: Path, caps
             pass
         else:
             raise SystemExit("snella is importable")
-        import safetensors.torch, timm, torch
-        cfg = json.load(open({str(output.with_suffix('.json'))!r}))
-        model = timm.models.VisionTransformer(**cfg["vit_kwargs"]).eval()
-        model.load_state_dict(safetensors.torch.load_file({str(output)!r}))
+        import torch
+        {load}
         with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+            out = model.eval()(torch.load({str(tmp_path / 'x.pt')!r}))
+        torch.save(getattr(out, "logits", out), {str(tmp_path / 'y.pt')!r})
         assert "snella" not in {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -214,5 +239,20 @@ def test_merged_checkpoint_loads_without_snella(snella_run, tmp_path: Path, caps
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-4)
-    assert cli.main(["merge", "--run", str(snella_run), "--output", str(tmp_path / "m.pt")]) == 2
+    assert cli.main(["merge", "--run", str(run), "--output", str(tmp_path / "m.pt")]) == 2
     assert "ending in .safetensors" in capsys.readouterr().err
+
+
+def test_a_model_without_default_targets_is_told_to_pass_target_modules(tmp_path: Path, capsys):
+    # A ResNet: no family of snella/targets.py matches its convs.
+    args = ["finetune", "--model", "resnet18", "--image-size", "28", "--train-limit", "8", "--test-limit", "8",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--no-progress"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snella finetune: error: no default targets for ResNet: pass --target-modules NAME"), err
+    assert "SnellaConfig(" not in err and "layer1.0.conv1" in err  # the modules that exist are listed
+    assert "e.g. --target-modules qkv proj fc1 fc2" in err
+    # The advice works: the example for ResNet trains.
+    assert cli.main([*args, "--output-dir", str(tmp_path / "b"), "--target-modules", "conv1", "conv2"]) == 0
+    assert cli.main([*args, "--output-dir", str(tmp_path / "c"), "--target-modules", "nothing_here"]) == 2
+    assert "--target-modules nothing_here matched no module of ResNet" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import logging
 import math
 import pickle
 import re
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,8 +292,7 @@ def _load_npz(model: nn.Module, path: Path, strict: bool) -> LoadReport:
             f"(VisionTransformer, ResNetV2, ...); {type(model).__name__} does not. Convert the file to "
             ".pth or .safetensors."
         )
-    with np.load(path) as npz:
-        file_keys = {k: npz[k].shape for k in npz.files}
+    file_keys = _npz_shapes(path)
     report = LoadReport()
     # Encoder blocks beyond the model's depth would be skipped silently by timm's loader.
     depth = len(getattr(model, "blocks", []))
@@ -335,6 +336,25 @@ def _load_npz(model: nn.Module, path: Path, strict: bool) -> LoadReport:
             _restore(state, backup, state)  # a refused file leaves the model as it was
             raise
     return report
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every array in an .npz file, reading each in full so that a corrupt file fails here.
+
+    Raises:
+        ValueError: not an .npz archive, truncated, or an array that does not decode; the message names the file.
+    """
+    # What numpy and zipfile raise on such files: a pickle or text where an archive should be (ValueError,
+    # UnpicklingError is one), no data (EOFError), a cut or damaged archive (BadZipFile, zlib.error, OSError).
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds a single {type(npz).__name__}, not an archive of named arrays")
+        with npz:
+            return {k: npz[k].shape for k in npz.files}
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, KeyError) as err:
+        raise ValueError(f"{path} is not a readable .npz weight file (corrupt, truncated or another format; "
+                         f"expected Google's ViT .npz archive): {type(err).__name__}: {err}") from err
 
 
 def _restore(state: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], keys: Iterable[str]) -> None:

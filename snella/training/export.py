@@ -1,4 +1,4 @@
-"""Writing a merged model as a plain timm checkpoint that loads without snella: weights + architecture JSON."""
+"""Writing a merged model as a plain timm or transformers checkpoint that loads without snella: weights + JSON."""
 
 from __future__ import annotations
 
@@ -7,10 +7,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from snella.training.outputs import save_tensors
+
 FORMAT = "snella-merged/1"
+TIMM_LOAD = ("import json, timm, safetensors.torch; cfg = json.load(open(JSON)); "
+             "model = timm.models.VisionTransformer(**cfg['vit_kwargs']) if 'vit_kwargs' in cfg "
+             "else timm.create_model(**cfg['create_model']); "
+             "model.load_state_dict(safetensors.torch.load_file(WEIGHTS))")
+HF_LOAD = ("import json, transformers, safetensors.torch; cfg = json.load(open(JSON)); "
+           "model = transformers.AutoModelForImageClassification.from_config("
+           "transformers.AutoConfig.for_model(**cfg['transformers_config'])); "
+           "model.load_state_dict(safetensors.torch.load_file(WEIGHTS))")
 
 
 def vit_kwargs(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -50,22 +59,46 @@ def timm_create_args(model: nn.Module, name: str) -> Optional[dict[str, Any]]:
     return {"model_name": name, "pretrained": False, **args}
 
 
+def hf_config(model: nn.Module, classes: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """The transformers config (a JSON-safe dict) of a Hugging Face image classifier wrapped by snella's
+    ``HFImageClassifier``, labelled with ``classes``; None for any other model.
+
+    ``transformers.AutoConfig.for_model(**config)`` rebuilds the config from it.
+    """
+    from snella.backbones import HFImageClassifier
+
+    if not isinstance(model, HFImageClassifier):
+        return None
+    config = json.loads(json.dumps(model.model.config.to_dict(), default=str))  # dtype objects -> names
+    if classes is not None and len(classes) == config.get("num_labels", len(config.get("id2label", {}))):
+        config["id2label"] = {str(i): c for i, c in enumerate(classes)}
+        config["label2id"] = {c: i for i, c in enumerate(classes)}
+    return config
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _same_outputs(a: nn.Module, b: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> bool:
     with torch.no_grad():
-        return torch.allclose(a.eval()(example), b.eval()(example), atol=atol, rtol=1e-4)
+        return torch.allclose(_logits(a.eval()(example)), _logits(b.eval()(example)), atol=atol, rtol=1e-4)
 
 
 def write_merged(model: nn.Module, architecture: str, output: Path, example: torch.Tensor,
                  extra: dict[str, Any]) -> dict[str, Any]:
     """Write ``model``'s weights to ``output`` (safetensors) and how to rebuild it to ``output`` with .json.
 
-    The JSON holds ``vit_kwargs`` (for ``timm.models.VisionTransformer(**vit_kwargs)``) and/or
-    ``create_model`` (for ``timm.create_model(**create_model)``), each kept only if a model built
-    from it with these weights gives the same outputs on ``example``.
+    For a timm model the JSON holds ``vit_kwargs`` (for ``timm.models.VisionTransformer(**vit_kwargs)``)
+    and/or ``create_model`` (for ``timm.create_model(**create_model)``); for a Hugging Face model
+    (``hf:`` runs) it holds ``transformers_config`` (for ``AutoModelForImageClassification.from_config(
+    AutoConfig.for_model(**transformers_config))``) and the weights are the transformers model's own.
+    Each description is kept only if a model built from it with these weights gives the same outputs
+    on ``example``.
 
     Args:
-        model: a plain timm model (the adapter already merged), on the CPU.
-        architecture: the backbone name the run used (timm name or 'vit_fmnist_d128').
+        model: the merged model (the adapter already folded in), on the CPU.
+        architecture: the backbone name the run used (timm name, 'vit_fmnist_d128' or 'hf:<folder>').
         output: the .safetensors file to write.
         example: an input batch (B, C, H, W) for the check.
         extra: more fields for the JSON (classes, input transform, ...).
@@ -74,28 +107,39 @@ def write_merged(model: nn.Module, architecture: str, output: Path, example: tor
         The JSON written.
 
     Raises:
-        ValueError: neither description rebuilds the model.
+        ValueError: no description rebuilds the model.
     """
     import timm
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     recipes: dict[str, Any] = {}
-    vit = vit_kwargs(model)
-    if vit is not None and _rebuilds(model, lambda: timm.models.VisionTransformer(**vit), state, example):
-        recipes["vit_kwargs"] = vit
-    create = timm_create_args(model, architecture)
-    if create is not None and _rebuilds(model, lambda: timm.create_model(**create), state, example):
-        recipes["create_model"] = create
+    hf = hf_config(model, extra.get("classes"))
+    if hf is not None:
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
+        build = lambda: AutoModelForImageClassification.from_config(AutoConfig.for_model(**hf))  # noqa: E731
+        if _rebuilds(model, build, state, example):
+            recipes["transformers_config"] = hf
+        library, load = "transformers", HF_LOAD
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        vit = vit_kwargs(model)
+        if vit is not None and _rebuilds(model, lambda: timm.models.VisionTransformer(**vit), state, example):
+            recipes["vit_kwargs"] = vit
+        create = timm_create_args(model, architecture)
+        if create is not None and _rebuilds(model, lambda: timm.create_model(**create), state, example):
+            recipes["create_model"] = create
+        library, load = "timm", TIMM_LOAD
     if not recipes:
-        raise ValueError(f"cannot describe the {type(model).__name__} of architecture {architecture!r} as a plain timm "
-                         "model (only timm architectures and ViTs are supported by merge)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output), metadata={"format": "pt", "library": "timm"})
+        raise ValueError(
+            f"merge cannot write the {type(model).__name__} of architecture {architecture!r}: it writes timm "
+            "VisionTransformers, models that timm.create_model builds by name, and Hugging Face image "
+            "classifiers (hf: runs), each checked by rebuilding it and comparing outputs, and no such rebuild "
+            "of this model gave its outputs. Use the run's adapter/ folder with snella instead "
+            "(snella evaluate / predict, or the method's from_pretrained on the backbone).")
+    save_tensors(state, output, metadata={"format": "pt", "library": library})
     info = {"format": FORMAT, "architecture": architecture, "weights": output.name, **recipes, **extra,
-            "load": ("import json, timm, safetensors.torch; cfg = json.load(open(JSON)); "
-                     "model = timm.models.VisionTransformer(**cfg['vit_kwargs']) if 'vit_kwargs' in cfg "
-                     "else timm.create_model(**cfg['create_model']); "
-                     "model.load_state_dict(safetensors.torch.load_file(WEIGHTS))")}
+            "load": load}
     json_path(output).write_text(json.dumps(info, indent=2) + "\n")
     return info
 

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from snella.config import SnellaConfig
 from snella.model import SnellaModel, get_snella_model
 from snella.targets import describe_targets, resolve_targets
 from snella.training.config import TrainConfig
+from snella.training.outputs import save_tensors
 
 FULL_WEIGHTS = "model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
@@ -56,10 +57,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    save_tensors(state, path)
 
 
 def _load_into(model: nn.Module, path: Path) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from snella.training.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from snella.training.config import TrainConfig
@@ -73,6 +74,24 @@ def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (a temp file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_tensors(state: Mapping[str, Any], path: Path, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write tensors to a safetensors file atomically, with the permissions of any new file (0666 & ~umask).
+
+    safetensors itself creates its files with mode 0600, which other users (a shared run folder, a
+    served model) could not read.
+    """
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     tmp.replace(path)
     return path
 

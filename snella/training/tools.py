@@ -17,7 +17,7 @@ from snella.training.runs import find_images, load_run, merged_model
 
 def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
              precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy of a run's tuned model on a dataset split.
+    """Accuracy of a run's tuned model on a dataset split (images of another size resized to the model's input).
 
     Args:
         run: the run's output folder.
@@ -38,7 +38,7 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
     if dataset.num_classes != len(loaded.classes):
         raise ValueError(f"{source} has {dataset.num_classes} classes, the run in {run} was trained on "
                          f"{len(loaded.classes)} ({loaded.classes[:10]})")
-    dataset = prepare(dataset, loaded.spec, train=False, limit=limit)
+    dataset = prepare(dataset, loaded.spec, train=False, limit=limit, fit_size=True)
     acc, seen = accuracy(loaded.model, dataset, batch_size, loaded.device, precision)
     return {"accuracy": acc, "images": seen, "data": source, "split": split, "run": str(run)}
 
@@ -46,6 +46,9 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
             device: str = "auto") -> list[dict[str, Any]]:
     """The ``top_k`` most likely labels of each image, with their probabilities.
+
+    Every image, of any size and mode, goes through the run's eval transform with ``fit_size``: to the
+    run's channels, resized to its input size when it has another, normalised as in training.
 
     Args:
         run: the run's output folder.
@@ -62,7 +65,7 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
     if top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid; accepted: a positive integer")
     loaded = load_run(run, device)
-    transform = loaded.spec.build(train=False)
+    transform = loaded.spec.build(train=False, fit_size=True)
     files = find_images(images)
     stack = torch.stack([transform(open_image(str(f), transform.image_mode)) for f in files])  # (N, C, H, W)
     probs = probabilities(loaded.model, stack, loaded.device, precision, batch_size)  # (N, num_classes)
@@ -73,11 +76,12 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
 
 
 def merge(run: str, output: str) -> dict[str, Any]:
-    """Fold a run's adapter into its backbone and write a plain timm checkpoint that loads without snella.
+    """Fold a run's adapter into its backbone and write a plain checkpoint that loads without snella.
 
-    Writes ``output`` (a safetensors state dict) and ``output`` with suffix .json (how to build the
-    architecture: ``timm.models.VisionTransformer(**vit_kwargs)`` or ``timm.create_model(**create_model)``,
-    plus the classes and input transform).
+    Writes ``output`` (a safetensors state dict, mode 0666 & ~umask) and ``output`` with suffix .json
+    (how to build the architecture: ``timm.models.VisionTransformer(**vit_kwargs)`` or
+    ``timm.create_model(**create_model)``; for a Hugging Face run (``hf:`` model) its transformers
+    config, ``transformers_config``; plus the classes, the input transform and a "load" line).
 
     Args:
         run: the run's output folder.

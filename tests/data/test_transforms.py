@@ -107,3 +107,21 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_bad_image_size_is_named():
     with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
         build_transform("vtab", 0, train=False)
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("L", 3), ("RGBA", 3), ("RGB", 1), ("L", 1)])
+def test_none_with_fit_size_brings_any_image_to_the_model_input(mode, channels):
+    image = random_image(45, 30).convert(mode)
+    out = build_transform("none", 16, train=False, mean=(0.5,), std=(0.25,), channels=channels, fit_size=True)(image)
+    # By hand: PIL's conversion to the model's mode, PIL's bicubic resize, then (x - mean) / std.
+    reference = np.asarray(image.convert("L" if channels == 1 else "RGB").resize((16, 16), Image.BICUBIC),
+                           dtype=np.float32).reshape(16, 16, channels) / 255.0
+    assert out.shape == (channels, 16, 16)
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), (reference - 0.5) / 0.25, atol=1e-5)
+
+
+def test_fit_size_leaves_images_of_the_model_size_alone():
+    image = random_image(16, 16)
+    fitted = build_transform("none", 16, train=False, fit_size=True)(image)
+    assert torch.equal(fitted, build_transform("none", 16, train=False)(image))  # not even resampled
+    assert build_transform("none", 16, train=False)(random_image(45, 30)).shape == (3, 30, 45)  # default: kept
