@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import spec_reference as ref
 from snella import SnellaConfig
 from snella import functional as Fn
 from snella.layer import SnellaConv2d, SnellaLayer, SnellaLinear
@@ -70,11 +71,12 @@ def with_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def reference_delta(layer: SnellaLayer, factors: tuple, config: SnellaConfig) -> torch.Tensor:
-    """The sparse update by plain autograd through the pure functions, in the base weight's shape."""
+    """The sparse update by plain autograd through SPEC.md transcribed, in the base weight's shape."""
     A, B, alpha, gamma, beta = factors
-    coefficients = Fn.chunk_coefficients(config.chunks, config.chunk_scale)
-    K = Fn.kernel_delta(config.kernel, A, B, coefficients, alpha, gamma, beta)  # (S, out/S, fan_in)
-    return Fn.sparsify(K, layer.sparsity["default"], config.competition).reshape(layer.base_layer.weight.shape)
+    coefficients = ref.coefficients(config.chunks, config.chunk_scale, dtype=A.dtype)
+    delta = ref.update(config.kernel, config.competition, layer.sparsity["default"], A, B, coefficients,
+                       alpha, gamma, beta)  # (out, fan_in): SPEC.md transcribed, not the library's kernels
+    return delta.reshape(layer.base_layer.weight.shape)
 
 
 # ---------------------------------------------------------------- Conv2d

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import spec_reference as ref
 from snella import functional as Fn
 from snella.ops import Conv2dOp, DeltaSpec, LinearOp, adapted_op
 
@@ -23,11 +24,13 @@ def make_factors(S, P, n_in, n_out_s, r, kernel, dtype=torch.float32, seed=0):
 
 
 def twin(x, weight, bias, spec, leaves, c, op):
-    """Plain autograd on the same formulas: keeps every intermediate alive, the reference."""
+    """Plain autograd on SPEC.md's formulas, transcribed independently: keeps every intermediate alive."""
     up = lambda t: t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
     A, B, alpha, gamma, beta = leaves
-    K = Fn.kernel_delta(spec.kernel, up(A), up(B), up(c), *(up(t) for t in (alpha, gamma, beta)))
-    delta = Fn.sparsify(K, list(spec.sparsity), spec.mode)
+    # SPEC.md transcribed (tests/spec_reference.py), not the library's own kernels or selection
+    delta = ref.update(spec.kernel, spec.mode, list(spec.sparsity), up(A), up(B), up(c),
+                       *(up(t) for t in (alpha, gamma, beta)))
+    delta = delta.view(A.shape[0], -1, A.shape[2])  # (S, out_s, in)
     w = delta.reshape(op.weight_shape(delta.shape[0] * delta.shape[1], delta.shape[2])).to(x.dtype)
     if x.dtype in (torch.bfloat16, torch.float16):  # below fp32: two branches, summed in fp32
         y = op.forward(x, w, None).float()

@@ -132,6 +132,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(run, tmp_path: Path):
     reference, reference_dir, _ = run  # the same settings, never interrupted
 

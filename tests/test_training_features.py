@@ -48,6 +48,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients():
         torch.testing.assert_close(got[name], plain[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_torch_compile_gives_the_eager_gradients():
     """inductor compiles the model around the adapted layers (ops.adapted_op is not traced): the factor
     gradients are the eager ones, at sparsity > 0 where a traced forward flipped entries of the mask."""

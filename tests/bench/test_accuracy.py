@@ -85,6 +85,7 @@ def easy():
         A._tensors(_easy_split(64, 1), ("dark", "bright"), vit, "easy")
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 @pytest.mark.parametrize("method,lr", [("full", 1e-3), ("snella-32", 1e-2)])
 def test_a_run_learns_an_easy_task(easy, method, lr, one_thread):
     train, test = easy

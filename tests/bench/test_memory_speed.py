@@ -17,12 +17,14 @@ def run(method, batch=1, **kw):
     return ms.run_one(method, model, batch, timeout=300, **args)
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_known_extra_tensor_shows_as_that_much_more_memory():
     plain = run("linear")
     ballast = run("linear", ballast_mb=150)
     assert ballast["peak_memory_mb"] - plain["peak_memory_mb"] == pytest.approx(150, rel=0.1)
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_full_size_optimizer_state_costs_more_than_low_rank_factors():
     """GPS-style keeps gradients and AdamW state for whole matrices (12 bytes per entry at least)."""
     gps = run("gps-style")
@@ -31,6 +33,7 @@ def test_full_size_optimizer_state_costs_more_than_low_rank_factors():
     assert gps["peak_memory_mb"] - lora["peak_memory_mb"] > 0.5 * 12 * tuned_entries / 2 ** 20
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_suite_writes_rows_ratios_tables_and_chart(tmp_path):
     rows = ms.run_suite(models=[TINY["model"]], batches=[2], methods=["full", "lora-32", "snella-fused"],
                         output_dir=str(tmp_path), steps=1, warmup=1, image_size=32,

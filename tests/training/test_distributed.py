@@ -28,6 +28,7 @@ def test_single_process_without_torchrun(monkeypatch):
             pick_device("cuda")
 
 
+@pytest.mark.slow  # over 10 s: `-m "not slow"` skips it in a quick loop; CI runs it
 def test_two_cpu_processes_agree_and_write_once(tmp_path: Path):
     out = tmp_path / "ddp"
     config = TrainConfig(model="vit_fmnist_d128", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2},
