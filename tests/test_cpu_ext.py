@@ -294,3 +294,11 @@ def test_failed_openmp_build_falls_back_to_one_thread(ext, serial_ext, monkeypat
     monkeypatch.setattr(cpu_ext, "_tried", False)
     with pytest.raises(ValueError, match="SNELLA_CPU_OPENMP='yes'"):
         cpu_ext.get()
+
+
+def test_cpu_passes_bench_runs(ext, capsys):
+    from snella.bench import cpu_passes
+
+    cpu_passes.main(["--repeats", "1", "--threads", "1", "2"])
+    out = capsys.readouterr().out
+    assert "| kth_abs 3072x768 |" in out and "| competition_grad 3072x768 |" in out and "load average" in out
