@@ -8,14 +8,23 @@
 // single loop. The kernel values themselves (distances, softmax) stay in torch, so the forward and the
 // backward compute bit-identical K' and the mask is the same entries in both.
 //
-// Built with -ffp-contract=off, so a*b + c rounds as torch's separate mul and add do.
+// Built with -ffp-contract=off, so a*b + c rounds as torch's separate mul and add do. Where the
+// compiler has OpenMP, cpu_ext.py builds with -fopenmp and links torch's own OpenMP runtime, so
+// at::parallel_for runs on torch's threads (torch.set_num_threads); otherwise the same loops run on
+// one thread. Every result is the same for any number of threads (see kth_abs_impl and for_rows).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <vector>
 
 namespace {
@@ -28,9 +37,23 @@ inline T multiplier(T kp, bool sparse, bool magnitude, T t) {
   return std::max(m - t, T(0));            // soft threshold (SNELL eq. 5)
 }
 
+// Work below this many elements runs on the calling thread: a parallel region costs a few
+// microseconds (and tens when the pool's threads have gone to sleep), which an elementwise pass over
+// 32K values (torch's own at::internal::GRAIN_SIZE) takes about as long to do.
+constexpr int64_t kElementGrain = 32768;
+// The select splits its passes into at most one slab per thread, each at least this long: every slab
+// has its own 256 KiB histogram to zero and sum (tens of microseconds), small next to counting 128K
+// values (about 150 us), so 2 threads start at 256K values (a 768x768 matrix has 590K).
+constexpr int64_t kSelectSlab = 1 << 17;
+
 // Exact k-th smallest (1-indexed) |x| of a contiguous array: a radix select on the magnitude's bits
 // (for non-negative IEEE values the bit pattern orders like the value). One pass counts the top 16
-// bits per thread, a second gathers the one bucket that holds rank k, and nth_element finishes.
+// bits, a second gathers the one bucket that holds rank k, and nth_element finishes.
+//
+// With several threads, each slab (a fixed split of the array, indexed by the loop variable, not by
+// the thread that runs it) has its own histogram and its own gathered band; the histograms are summed
+// in integers and the bands joined in slab order, so counts, band and result are the same for any
+// number of threads (and the k-th value is unique whatever the band's order).
 template <typename T, typename U>
 T kth_abs_impl(const T* x, int64_t n, int64_t k) {
   constexpr int SHIFT = sizeof(U) * 8 - 1 - 16;  // the 16 bits below the sign
@@ -41,32 +64,34 @@ T kth_abs_impl(const T* x, int64_t n, int64_t k) {
     std::memcpy(&u, x + i, sizeof(U));
     return u & MASK;
   };
-  const int64_t grain = 1 << 16;
-  const int64_t pieces = (n + grain - 1) / grain;
-  std::vector<uint32_t> hist(NB, 0);
-  std::vector<std::vector<uint32_t>> local(at::get_num_threads());
-  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
-    auto& h = local[at::get_thread_num()];
-    if (h.empty()) h.assign(NB, 0);
-    for (int64_t piece = begin; piece < end; ++piece) {
-      const int64_t lo = piece * grain, hi = std::min(n, lo + grain);
+  const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kSelectSlab));
+  const int64_t per = (n + slabs - 1) / slabs;
+  TORCH_CHECK(per <= int64_t(UINT32_MAX), "kth_abs: ", n, " values are too many for its 32-bit counts");
+  std::vector<std::vector<uint32_t>> local(slabs);
+  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      auto& h = local[t];
+      h.assign(NB, 0);
+      const int64_t lo = t * per, hi = std::min(n, lo + per);
       for (int64_t i = lo; i < hi; ++i) ++h[key(i) >> SHIFT];
     }
   });
-  for (auto& h : local) {
-    if (h.empty()) continue;
-    for (int64_t b = 0; b < NB; ++b) hist[b] += h[b];
-  }
-  int64_t below = 0, bucket = 0;
+  int64_t below = 0, bucket = 0, in_bucket = 0;
   for (; bucket < NB; ++bucket) {
-    if (below + hist[bucket] >= k) break;
-    below += hist[bucket];
+    int64_t count = 0;
+    for (const auto& h : local) count += h[bucket];
+    if (below + count >= k) {
+      in_bucket = count;
+      break;
+    }
+    below += count;
   }
-  std::vector<std::vector<U>> found(pieces);
-  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t piece = begin; piece < end; ++piece) {
-      const int64_t lo = piece * grain, hi = std::min(n, lo + grain);
-      auto& f = found[piece];
+  std::vector<std::vector<U>> found(slabs);
+  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      auto& f = found[t];
+      f.reserve(local[t][bucket]);
+      const int64_t lo = t * per, hi = std::min(n, lo + per);
       for (int64_t i = lo; i < hi; ++i) {
         const U u = key(i);
         if (static_cast<int64_t>(u >> SHIFT) == bucket) f.push_back(u);
@@ -74,7 +99,7 @@ T kth_abs_impl(const T* x, int64_t n, int64_t k) {
     }
   });
   std::vector<U> band;
-  band.reserve(hist[bucket]);
+  band.reserve(in_bucket);
   for (auto& f : found) band.insert(band.end(), f.begin(), f.end());
   const int64_t r = k - below - 1;  // 0-indexed rank inside the bucket
   std::nth_element(band.begin(), band.begin() + r, band.end());
@@ -97,17 +122,32 @@ void check_per_matrix(const std::vector<double>& thresholds, const std::vector<b
               "one threshold and one sparse flag per matrix");
 }
 
-template <typename T>
-void multiplier_impl(T* o, const T* base, int64_t n, bool sparse, bool magnitude, T t) {
-  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    if (base) {
-#pragma omp simd
-      for (int64_t k = begin; k < end; ++k) o[k] = o[k] * multiplier(o[k], sparse, magnitude, t) + base[k];
-    } else {
-#pragma omp simd
-      for (int64_t k = begin; k < end; ++k) o[k] = o[k] * multiplier(o[k], sparse, magnitude, t);
+// Runs fn(row, lo, hi) over the entries [lo, hi) of the given rows of an (S, M) array, in one
+// parallel region over all of them (not one region a row): the elementwise passes below. Each entry is
+// computed alone, so the split (and the number of threads) does not change any value.
+template <typename F>
+void for_rows(const std::vector<int64_t>& rows, int64_t M, const F& fn) {
+  const int64_t total = static_cast<int64_t>(rows.size()) * M;
+  at::parallel_for(0, total, kElementGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin / M; r * M < end; ++r) {
+      const int64_t lo = std::max(begin, r * M) - r * M, hi = std::min(end, (r + 1) * M) - r * M;
+      fn(rows[r], lo, hi);
     }
   });
+}
+
+// `sparse` and `magnitude` are template parameters: as run-time flags inside the loop they kept GCC
+// from vectorizing it (a branch an entry, mispredicted on the random side of the threshold: 3 ns an
+// entry instead of 0.3).
+template <typename T, bool SPARSE, bool MAGNITUDE>
+void multiplier_impl(T* o, const T* base, int64_t lo, int64_t hi, T t) {
+  if (base) {
+#pragma omp simd
+    for (int64_t k = lo; k < hi; ++k) o[k] = o[k] * multiplier(o[k], SPARSE, MAGNITUDE, t) + base[k];
+  } else {
+#pragma omp simd
+    for (int64_t k = lo; k < hi; ++k) o[k] = o[k] * multiplier(o[k], SPARSE, MAGNITUDE, t);
+  }
 }
 
 // out (S, M) <- out * multiplier(out) + base, in place: the competition's pass after the selection.
@@ -120,31 +160,42 @@ void apply_multiplier(at::Tensor out, const c10::optional<at::Tensor>& base, con
   }
   const int64_t S = out.size(0), M = out.size(1);
   check_per_matrix(thresholds, sparse, S);
+  std::vector<int64_t> rows;  // the matrices with something to do
+  for (int64_t s = 0; s < S; ++s) {
+    if (sparse[s] || base.has_value()) rows.push_back(s);
+  }
+  if (rows.empty() || M == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "snella_apply_multiplier", [&] {
-    for (int64_t s = 0; s < S; ++s) {
-      const scalar_t* bs = base.has_value() ? base->data_ptr<scalar_t>() + s * M : nullptr;
-      if (!sparse[s] && !bs) continue;
-      multiplier_impl<scalar_t>(out.data_ptr<scalar_t>() + s * M, bs, M, sparse[s], magnitude,
-                                scalar_t(thresholds[s]));
-    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* b = base.has_value() ? base->data_ptr<scalar_t>() : nullptr;
+    for_rows(rows, M, [&](int64_t s, int64_t lo, int64_t hi) {
+      scalar_t* os = o + s * M;
+      const scalar_t* bs = b ? b + s * M : nullptr;
+      const scalar_t t = scalar_t(thresholds[s]);
+      if (!sparse[s]) {
+        multiplier_impl<scalar_t, false, false>(os, bs, lo, hi, t);
+      } else if (magnitude) {
+        multiplier_impl<scalar_t, true, true>(os, bs, lo, hi, t);
+      } else {
+        multiplier_impl<scalar_t, true, false>(os, bs, lo, hi, t);
+      }
+    });
   });
 }
 
-template <typename T>
-void competition_grad_impl(T* kp, T* g, int64_t n, bool sparse, bool magnitude, T t, bool update) {
-  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    if (update) {
+template <typename T, bool MAGNITUDE>
+void competition_grad_impl(T* kp, T* g, int64_t lo, int64_t hi, T t, bool update) {
+  if (update) {
 #pragma omp simd
-      for (int64_t k = begin; k < end; ++k) {
-        const T mult = multiplier(kp[k], sparse, magnitude, t);
-        g[k] *= mult;
-        kp[k] *= mult;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t k = begin; k < end; ++k) g[k] *= multiplier(kp[k], sparse, magnitude, t);
+    for (int64_t k = lo; k < hi; ++k) {
+      const T mult = multiplier(kp[k], true, MAGNITUDE, t);
+      g[k] *= mult;
+      kp[k] *= mult;
     }
-  });
+  } else {
+#pragma omp simd
+    for (int64_t k = lo; k < hi; ++k) g[k] *= multiplier(kp[k], true, MAGNITUDE, t);
+  }
 }
 
 // The backward's masking pass over a block, in place: g (S, M) <- g * multiplier(K'), the gradient
@@ -157,13 +208,45 @@ void competition_grad(at::Tensor kp, at::Tensor g, const std::vector<double>& th
               "kp and g must be contiguous (S, M) tensors of one shape and dtype");
   const int64_t S = kp.size(0), M = kp.size(1);
   check_per_matrix(thresholds, sparse, S);
+  std::vector<int64_t> rows;  // multiplier 1 on the dense ones: nothing to do there
+  for (int64_t s = 0; s < S; ++s) {
+    if (sparse[s]) rows.push_back(s);
+  }
+  if (rows.empty() || M == 0) return;
   AT_DISPATCH_FLOATING_TYPES(kp.scalar_type(), "snella_competition_grad", [&] {
-    for (int64_t s = 0; s < S; ++s) {
-      if (!sparse[s]) continue;  // multiplier 1: nothing to do
-      competition_grad_impl<scalar_t>(kp.data_ptr<scalar_t>() + s * M, g.data_ptr<scalar_t>() + s * M, M, true,
-                                      magnitude, scalar_t(thresholds[s]), update);
-    }
+    scalar_t* k = kp.data_ptr<scalar_t>();
+    scalar_t* gg = g.data_ptr<scalar_t>();
+    for_rows(rows, M, [&](int64_t s, int64_t lo, int64_t hi) {
+      const scalar_t t = scalar_t(thresholds[s]);
+      if (magnitude) {
+        competition_grad_impl<scalar_t, true>(k + s * M, gg + s * M, lo, hi, t, update);
+      } else {
+        competition_grad_impl<scalar_t, false>(k + s * M, gg + s * M, lo, hi, t, update);
+      }
+    });
   });
+}
+
+// How this build runs its loops: whether it was compiled with OpenMP, the thread count it sees, and
+// how many distinct threads one parallel loop (of more work than the grain) actually ran on.
+pybind11::dict parallel_info() {
+  pybind11::dict info;
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["omp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["omp_max_threads"] = 0;
+#endif
+  info["num_threads"] = at::get_num_threads();
+  std::mutex lock;
+  std::set<int> seen;
+  at::parallel_for(0, 1 << 20, kElementGrain, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    seen.insert(at::get_thread_num());
+  });
+  info["threads_used"] = static_cast<int64_t>(seen.size());
+  return info;
 }
 
 }  // namespace
@@ -172,4 +255,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kth_abs", &kth_abs, "exact k-th smallest absolute value (1-indexed)");
   m.def("apply_multiplier", &apply_multiplier, "competition multiplier and base, in place");
   m.def("competition_grad", &competition_grad, "backward masking pass of a block, in place");
+  m.def("parallel_info", &parallel_info, "OpenMP or not, threads seen and used by a parallel loop");
 }
