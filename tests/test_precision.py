@@ -108,3 +108,19 @@ def test_weight_read_under_autocast_is_computed_in_fp32():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(weight, layer.base_layer.weight + want, rtol=0, atol=0)
+
+
+def test_autocast_keeps_a_convs_update():
+    """The same for an adapted Conv2d (a convnet's 3x3 conv at its init scale)."""
+    from snella.layer import SnellaConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.02)
+    layer = SnellaConv2d(conv)
+    layer.update_layer("default", SnellaConfig(r=8, sparsity=0.5), split=False, layer_name="blocks.0.0.conv_pw")
+    x = torch.randn(2, 32, 14, 14, generator=torch.Generator().manual_seed(3)).relu()  # post-activation input
+    with torch.no_grad():
+        want, got = effect(layer, x), effect(layer, x, torch.bfloat16)
+    assert cosine(got, want) >= 0.99
