@@ -198,11 +198,15 @@ def test_build_reports_openmp_and_uses_torchs_threads(ext):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_one_openmp_runtime_in_the_process(ext):
+def test_the_extension_brings_no_openmp_runtime_of_its_own(ext):
+    """The extension uses torch's libgomp, never the system one that a plain ``-fopenmp`` link adds.
+    (Other packages may map their own vendored copy, e.g. scikit-learn's ``scikit_learn.libs/libgomp-*``
+    once it is imported: not the extension's doing, so not counted.)"""
     runtimes = cpu_ext.openmp_runtimes()
-    assert len(runtimes) <= 1, runtimes  # torch's, and no second one brought in by the extension
+    system = [r for r in runtimes if r.startswith(("/usr/lib", "/lib"))]
+    assert not system, runtimes
     if cpu_ext.build_info()["variant"] == "openmp":
-        assert runtimes == [cpu_ext.build_info()["runtime"]]
+        assert cpu_ext.build_info()["runtime"] in runtimes
         # the extension's own OpenMP calls resolve to torch's runtime
         import ctypes
         address = ctypes.cast(ctypes.CDLL(ext.__file__).omp_get_max_threads, ctypes.c_void_p).value

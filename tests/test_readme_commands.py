@@ -131,6 +131,8 @@ def plan(command: Command) -> Plan:
         return Plan("setup", why="checked, not run: it would install into this machine's environment")
     if argv[:2] == ["bash", "scripts/test.sh"]:
         return Plan("suite", why="this test suite itself")
+    if argv[:3] == ["python", "-m", "snella.bench.cpu_passes"]:
+        return Plan("cpu_passes", argv[3:] + ["--repeats", "1"], "one repeat instead of 20")
     if argv[0] == "torchrun":
         if "-m" not in argv or argv[argv.index("-m") + 1] != "snella":
             return Plan("unknown", why="torchrun without -m snella")
@@ -230,6 +232,8 @@ def test_readme_command(command: Command, request, tmp_path: Path, capsys):
         check_test_script()
     elif how.how == "parse":
         check_parses(how.argv)
+    elif how.how == "cpu_passes":
+        check_cpu_passes(how.argv, capsys)
     elif how.argv[0] == "finetune":
         check_default_run(*request.getfixturevalue("default_run"))
     elif how.argv[0] == "evaluate":
@@ -243,6 +247,15 @@ def test_readme_command(command: Command, request, tmp_path: Path, capsys):
     else:
         request.getfixturevalue("fashion_mnist_parts")  # the quick suite's rotation task: skip here, fail in CI
         check_bench_accuracy(how.argv, tmp_path, capsys)
+
+
+def check_cpu_passes(args: list[str], capsys) -> None:
+    from snella.bench import cpu_passes
+
+    cpu_passes.main(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| kth_abs")
+            or line.startswith("| apply_multiplier") or line.startswith("| competition_grad")]
+    assert len(rows) == 5 and all(float(row.split("|")[2]) > 0 for row in rows), rows
 
 
 def check_setup() -> None:
