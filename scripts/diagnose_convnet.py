@@ -388,6 +388,10 @@ VARIANTS = {
     "snell-8 (suite recipe, lr 1e-2)": ("snell-8", 1e-2, {}, False, "none"),
     "snell-8, BN eval mode (lr 1e-2)": ("snell-8", 1e-2, {}, True, "none"),
     "(a)+(c) dense mixed, BN eval mode": ("snella-32", None, {"sparsity": 0.0, "init_sparsity": 0.0, "competition": "none"}, True, "none"),
+    "lora-8 (suite recipe, lr 1e-2)": ("lora-8", 1e-2, {}, False, "none"),
+    "lora-8, BN eval mode (lr 1e-2)": ("lora-8", 1e-2, {}, True, "none"),
+    "full (suite recipe, lr 1e-3)": ("full", 1e-3, {}, False, "none"),
+    "full, BN eval mode (lr 1e-3)": ("full", 1e-3, {}, True, "none"),
 }
 
 
