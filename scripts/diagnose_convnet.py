@@ -234,14 +234,19 @@ def capture(model, images):
         hooks.append(m.register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o.float().clone())))
     bns = following_bn(model) if any(isinstance(m, SnellaLayer) for m in model.modules()) else {}
     for n, bn in bns.items():
-        def pre(mod, args, n=n):
-            x = args[0].float()
-            bn_in[n] = (x.mean((0, 2, 3)), x.var((0, 2, 3)), mod.running_mean.clone(), mod.running_var.clone() + mod.eps)
-        hooks.append(bn.register_forward_pre_hook(pre))
+        hooks.append(bn.register_forward_pre_hook(_bn_input_stats(bn_in, n)))
     model(images.contiguous(memory_format=MF))
     for h in hooks:
         h.remove()
     return feats, bn_in, None
+
+
+def _bn_input_stats(store: dict, name: str):
+    """A BatchNorm pre-hook recording its input's per-channel mean/var beside its running statistics."""
+    def pre(mod, args):
+        x = args[0].float()
+        store[name] = (x.mean((0, 2, 3)), x.var((0, 2, 3)), mod.running_mean.clone(), mod.running_var.clone() + mod.eps)
+    return pre
 
 
 @torch.no_grad()
@@ -257,11 +262,7 @@ def capture_base(base, images, names_from):
         children = list(mods[parent_name].named_children())
         idx = [c for c, _ in children].index(attr)
         bn = next(m for c, m in children[idx + 1:] if isinstance(m, nn.modules.batchnorm._BatchNorm))
-
-        def pre(mod, args, n=name):
-            x = args[0].float()
-            bn_in[n] = (x.mean((0, 2, 3)), x.var((0, 2, 3)), mod.running_mean.clone(), mod.running_var.clone() + mod.eps)
-        hooks.append(bn.register_forward_pre_hook(pre))
+        hooks.append(bn.register_forward_pre_hook(_bn_input_stats(bn_in, name)))
     base(images.contiguous(memory_format=MF))
     for h in hooks:
         h.remove()

@@ -224,18 +224,19 @@ class _AdaptedWeightFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, coefficients, A, B, alpha, gamma, beta, op, spec, dtype, out_dtype):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             b = None if bias is None else bias.to(dtype)
+            xd = x.to(dtype)
             if dtype in LOW_PRECISION:
                 # Below fp32 the update runs as its own branch: |dW| (1e-7 to 1e-5 under the magnitude
                 # competition) is far below one bf16 step of W0, so bf16(W0 + dW) would round it away.
                 delta, thresholds, _ = _weight(op, spec, None, coefficients, A, B, alpha, gamma, beta, torch.float32)
-                y = _low_precision_delta(op, x.to(dtype), delta, dtype)  # fp32
+                y = _low_precision_delta(op, xd, delta, dtype)  # fp32
                 del delta
                 if weight is not None:
-                    y = y.add_(op.forward(x.to(dtype), weight.to(dtype), b))
+                    y = y.add_(op.forward(xd, weight.to(dtype), b))
                 y = y.to(out_dtype)
             else:
                 w, thresholds, _ = _weight(op, spec, weight, coefficients, A, B, alpha, gamma, beta, dtype)
-                y = op.forward(x.to(dtype), w, b)
+                y = op.forward(xd, w, b)
         ctx.save_for_backward(x, weight, bias, coefficients, A, B, alpha, gamma, beta, thresholds)
         ctx.op, ctx.spec, ctx.dtype = op, spec, dtype
         return y

@@ -70,10 +70,6 @@ def candidate_modules(model: nn.Module, skip_types: tuple = ()) -> Iterable[tupl
 
 def name_matches(name: str, spec: Union[list[str], str]) -> bool:
     """Whether a module name matches a user's spec: a regex (full match) or a list of names/suffixes."""
-    return _matches(name, spec)
-
-
-def _matches(name: str, spec: Union[list[str], str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
@@ -105,12 +101,12 @@ def resolve_targets(model: nn.Module, target_modules: Optional[Union[list[str], 
                 f"transformer blocks outside decoders and heads, snella.targets.FAMILY_TARGETS): pass "
                 f"SnellaConfig(target_modules=[...]). Adaptable modules: {_listing(names)}")
     else:
-        chosen = [(n, m) for n, m in names if _matches(n, target_modules)]
+        chosen = [(n, m) for n, m in names if name_matches(n, target_modules)]
         if not chosen:
             raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}. "
                              f"Adaptable modules: {_listing(names)}")
     if exclude_modules is not None:
-        chosen = [(n, m) for n, m in chosen if not _matches(n, exclude_modules)]
+        chosen = [(n, m) for n, m in chosen if not name_matches(n, exclude_modules)]
     for n, m in chosen:
         _check_adaptable(n, m, adaptable)
     if not chosen:
