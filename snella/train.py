@@ -26,6 +26,7 @@ from snella.training.data import (augment_generator, batches, epoch_order, input
                                   prepare, shard)
 from snella.training.evaluation import accuracy, autocast, logits_of
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
+from snella.training.norm import save_batchnorm_stats, set_train_mode
 from snella.training.optim import build_optimizer, build_scheduler, update_step
 from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, CURVES_PLOT, METRICS_FILE, RUN_FILE,
                                      CONFIG_FILE, check_output_dir, clear_run, default_output_dir, folder_bytes,
@@ -136,7 +137,7 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     for epoch in range(start_epoch, config.epochs):
         # ---- one epoch over this rank's share of the seeded order
         epoch_start, density = time.perf_counter(), _density(allocator, method, model)
-        model.train()
+        set_train_mode(model, config.bn_stats)  # BatchNorm statistics as the config says
         order = shard(epoch_order(len(train_set), config.seed, epoch), ctx.rank, ctx.world_size)
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen: over all ranks
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
@@ -198,6 +199,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     metrics: Optional[dict[str, Any]] = None
     if ctx.is_main:
         method.save(model, out / ADAPTER_DIR)
+        if config.bn_stats == "update":  # the adapter alone would bring back the pretrained statistics
+            save_batchnorm_stats(model, out / ADAPTER_DIR)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         metrics = {
             "test_accuracy": test_acc, "test_split": config.test_split, "test_images": test_images,

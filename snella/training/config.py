@@ -14,6 +14,7 @@ from snella.allocator import SCHEDULES, SCORES
 from snella.data.checks import SPLITS
 from snella.data.transforms import TRANSFORM_NAMES
 from snella.functional import COMPETITION_MODES
+from snella.training.norm import BN_STATS
 
 METHODS = ("snella", "snell", "lora", "full", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -99,6 +100,10 @@ class TrainConfig:
         "Dropout on the adapter branch's input (authors: 0.1 at ViT-B scale)."))
     adapter_drop_path: float = field(default=0.0, metadata=_help(
         "Drop-path on the adapter branch's output (snella, snell; authors: 0.1 at ViT-B scale)."))
+    bn_stats: str = field(default="frozen", metadata=_help(
+        f"BatchNorm running statistics while training, one of {BN_STATS}: 'frozen' keeps the pretrained "
+        "ones (BN in eval mode; its weight and bias still train under 'full'), 'update' re-estimates them "
+        "from the task's batches (torch's train mode). No effect on models without BatchNorm."))
 
     # ---------------------------------------------------------------- optimisation
     epochs: int = field(default=15, metadata=_help("Training epochs."))
@@ -137,7 +142,7 @@ class TrainConfig:
 
         choices = {"method": METHODS, "precision": PRECISIONS, "transform": TRANSFORM_NAMES,
                    "competition": COMPETITION_MODES, "score": SCORES, "allocation": SCHEDULES,
-                   "train_split": SPLITS, "test_split": SPLITS}
+                   "train_split": SPLITS, "test_split": SPLITS, "bn_stats": BN_STATS}
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 bad(name, ", ".join(accepted))

@@ -14,6 +14,7 @@ from snella.training.config import TrainConfig
 from snella.training.data import InputSpec
 from snella.training.distributed import pick_device
 from snella.training.methods import Method, get_method
+from snella.training.norm import load_batchnorm_stats
 from snella.training.outputs import ADAPTER_DIR, CONFIG_FILE, RUN_FILE, read_json
 
 
@@ -57,6 +58,7 @@ def load_run(directory: str | Path, device: str = "auto") -> Run:
     backbone = build_backbone(config, len(classes))
     method = get_method(config.method)
     model = method.load(config, backbone, adapter)
+    load_batchnorm_stats(model, adapter)  # statistics a bn_stats='update' run re-estimated
     target = pick_device(device)
     model = model.to(target).eval()
     return Run(directory, config, classes, InputSpec.from_dict(info["input"]), method, model, target)

