@@ -240,6 +240,7 @@ class Job:
     seed: int
     phase: str  # "sweep": train -> val; "final": train+val -> test
     save_adapter: bool = False
+    variant: str = ""  # a recipe of snella.bench.recipes.VARIANTS over the method's settings; "": none
 
 
 def _tensors(split: Split, classes: Sequence[str], backbone: Backbone, name: str) -> "TensorLabeledDataset":
@@ -255,7 +256,8 @@ def _tensors(split: Split, classes: Sequence[str], backbone: Backbone, name: str
 def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train: "TensorLabeledDataset",
                     score: "TensorLabeledDataset", epochs: int,
                     batch_size: int, warmup_epochs: int = 1, weight_decay: float = 1e-4,
-                    save_adapter: bool = False, snapshot: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                    save_adapter: bool = False, snapshot: Optional[dict[str, Any]] = None,
+                    overrides: Optional[dict[str, Any]] = None, ema_decay: Optional[float] = None) -> dict[str, Any]:
     """Fine-tune ``backbone`` on ``train`` with one method and return its accuracy on ``score``.
 
     The loop of `snella finetune` without its files: AdamW, warm-up then cosine per step, the seeded
@@ -270,9 +272,13 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
         epochs, batch_size, warmup_epochs, weight_decay: the recipe.
         save_adapter: also save the adapter with the method's own ``save`` and report its size.
         snapshot: the pretrained weights (``Backbone.snapshot``); None: random weights (tests).
+        overrides: TrainConfig settings over the method's own (recipe comparisons, ``snella bench recipes``).
+        ema_decay: also keep an EMA of the trainable parameters (``ParameterEMA``) and score it.
 
     Returns:
-        accuracy, trainable_params, adapter_bytes (None unless ``save_adapter``), seconds.
+        accuracy (of the EMA when ``ema_decay``), accuracy_no_ema (the trained parameters'), trainable_params,
+        adapter_bytes (None unless ``save_adapter``), reallocations (SNELLA's budget re-shares; None for
+        other methods), seconds.
     """
     import torch
     import torch.nn.functional as F
@@ -280,6 +286,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
     from snella.train import _allocator
     from snella.training.config import TrainConfig
     from snella.training.data import batches, epoch_order, num_batches
+    from snella.training.ema import ParameterEMA
     from snella.training.evaluation import accuracy
     from snella.training.methods import get_method
     from snella.training.norm import set_train_mode
@@ -288,7 +295,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
 
     start = time.perf_counter()
     spec = METHODS[method]
-    config = TrainConfig(**spec.settings, lr=lr, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
+    config = TrainConfig(**{**spec.settings, **(overrides or {})}, lr=lr, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
                          random_shift=0,  # VTAB protocol: no augmentation
                          weight_decay=weight_decay, seed=seed, progress=False,
                          target_modules=list(backbone.target_modules) if backbone.target_modules else None)
@@ -308,6 +315,7 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
     scheduler = build_scheduler(optimizer, total, warmup_epochs * steps_per_epoch, lr, config.warmup_lr,
                                 config.min_lr)
     allocator = _allocator(config, runner, model, total, steps_per_epoch)
+    ema = ParameterEMA(model, ema_decay) if ema_decay is not None else None
     step = 0
     set_train_mode(model, config.bn_stats)
     for epoch in range(epochs):
@@ -316,16 +324,22 @@ def train_and_score(backbone: Backbone, method: str, lr: float, seed: int, train
             images = images.contiguous(memory_format=memory_format)  # (B, C, H, W)
             loss = F.cross_entropy(model(images), labels)  # (B, classes) logits
             step = update_step(loss, optimizer, scheduler, allocator, step)
+            if ema is not None:
+                ema.update(model)
         if not math.isfinite(loss.item()):
             break  # a diverged run scores what it scores; the sweep will not pick it
-    acc, _ = accuracy(model, score, 256, torch.device("cpu"))
+    acc = raw = accuracy(model, score, 256, torch.device("cpu"))[0]
+    if ema is not None:
+        with ema.swapped_in(model):
+            acc = accuracy(model, score, 256, torch.device("cpu"))[0]
     adapter_bytes = None
     if save_adapter:
         with tempfile.TemporaryDirectory() as tmp:
             runner.save(model, Path(tmp) / "adapter")
             adapter_bytes = folder_bytes(Path(tmp) / "adapter")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"accuracy": acc, "trainable_params": trainable, "adapter_bytes": adapter_bytes,
+    return {"accuracy": acc, "accuracy_no_ema": raw, "trainable_params": trainable, "adapter_bytes": adapter_bytes,
+            "reallocations": len(allocator.history) - 1 if allocator is not None else None,  # not the t = 0 one
             "seconds": time.perf_counter() - start}
 
 
@@ -356,9 +370,14 @@ def _prepare(config: SuiteConfig, log: Callable[[str], None]) -> dict[tuple[str,
 def _run_job(job: Job) -> dict[str, Any]:
     data = _DATA[job.backbone, job.task]
     train, score = ("train", "val") if job.phase == "sweep" else ("trainval", "test")
+    recipe: dict[str, Any] = {}
+    if job.variant:
+        from snella.bench.recipes import VARIANTS
+
+        recipe = {"overrides": VARIANTS[job.variant].overrides, "ema_decay": VARIANTS[job.variant].ema_decay}
     result = train_and_score(BACKBONES[job.backbone], job.method, job.lr, job.seed, data[train], data[score],
                              _SETTINGS["epochs"], _SETTINGS["batch_size"], _SETTINGS["warmup_epochs"],
-                             _SETTINGS["weight_decay"], job.save_adapter, _SNAPSHOTS[job.backbone])
+                             _SETTINGS["weight_decay"], job.save_adapter, _SNAPSHOTS[job.backbone], **recipe)
     return {**dataclasses.asdict(job), "group": data["group"], "train_split": train, "score_split": score,
             "train_images": data["sizes"][train], "score_images": data["sizes"][score], **result}
 
@@ -378,7 +397,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None]) -> l
 
     def done(i: int, row: dict[str, Any], count: int) -> None:
         rows[i] = row
-        log(f"[{count}/{len(jobs)}] {row['backbone']} {row['task']} {row['method']} lr={row['lr']:g} seed={row['seed']}"
+        name = row["method"] + (f":{row['variant']}" if row.get("variant") else "")
+        log(f"[{count}/{len(jobs)}] {row['backbone']} {row['task']} {name} lr={row['lr']:g} seed={row['seed']}"
             f" {row['phase']}: {row['score_split']} {100 * row['accuracy']:.1f}% ({row['seconds']:.0f}s)")
 
     if workers == 1:
@@ -541,6 +561,18 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def load_suite(config: SuiteConfig, log: Callable[[str], None]) -> dict[str, dict[str, str]]:
+    """Build the tasks' tensors and the backbones' weight snapshots the worker processes share; returns the
+    weight files and their sha256 per backbone."""
+    _DATA.clear()
+    _DATA.update(_prepare(config, log))
+    _SNAPSHOTS.clear()
+    _SNAPSHOTS.update({b: BACKBONES[b].snapshot() if config.pretrained else None for b in config.backbones})
+    _SETTINGS.update(epochs=config.epochs, batch_size=config.batch_size, warmup_epochs=config.warmup_epochs,
+                     weight_decay=config.weight_decay)
+    return {b: {"file": s["file"], "sha256": s["sha256"]} for b, s in _SNAPSHOTS.items() if s is not None}
+
+
 def run_suite(config: SuiteConfig, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
     """Run the suite: sweep on val, seeds on test; write CSV, markdown and JSON under ``config.output_dir``.
 
@@ -553,13 +585,7 @@ def run_suite(config: SuiteConfig, log: Callable[[str], None] = print, command: 
         rows (every run), summaries, chosen lrs, the goal check, the files written and the wall time.
     """
     start = time.perf_counter()
-    _DATA.clear()
-    _DATA.update(_prepare(config, log))
-    _SNAPSHOTS.clear()
-    _SNAPSHOTS.update({b: BACKBONES[b].snapshot() if config.pretrained else None for b in config.backbones})
-    weights = {b: {"file": s["file"], "sha256": s["sha256"]} for b, s in _SNAPSHOTS.items() if s is not None}
-    _SETTINGS.update(epochs=config.epochs, batch_size=config.batch_size, warmup_epochs=config.warmup_epochs,
-                     weight_decay=config.weight_decay)
+    weights = load_suite(config, log)
     combos = [(b, t, m) for b in config.backbones for t in config.tasks for m in config.methods]
 
     # ---- phase 1: the learning-rate sweep, trained on train, scored on val

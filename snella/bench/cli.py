@@ -11,7 +11,8 @@ import shlex
 import sys
 from typing import Any, Optional, Sequence
 
-BENCH_HELP = "Benchmarks: peak memory and step time per method (memory, speed), accuracy on a VTAB-style suite."
+BENCH_HELP = ("Benchmarks: peak memory and step time per method (memory, speed), accuracy on a VTAB-style suite, "
+              "SNELLA's recipe choices on its val split (recipes).")
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
 
 
@@ -43,7 +44,7 @@ def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbon
              methods: Optional[Sequence[str]] = None, epochs: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
              workers: int = 2, output_dir: str = "bench/results", command: str = "", train_size: Optional[int] = None,
              val_size: Optional[int] = None, test_size: Optional[int] = None) -> dict[str, Any]:
-    """Test accuracy of every method on the VTAB-style suite (lr chosen on val, 3 seeds), both backbones."""
+    """Test accuracy of every method on the VTAB-style suite (lr chosen on val, 3 seeds), every backbone."""
     from snella.bench.accuracy import SuiteConfig, quick_config, run_suite
 
     overrides = {k: v for k, v in dict(tasks=tasks, backbones=backbones, methods=methods, epochs=epochs,
@@ -52,6 +53,24 @@ def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbon
     overrides.update(workers=workers, output_dir=output_dir)
     config = quick_config(**overrides) if quick else SuiteConfig(**overrides)
     return run_suite(config, command=command)
+
+
+def recipes(variants: Optional[Sequence[str]] = None, tasks: Optional[Sequence[str]] = None,
+            backbones: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1), suite_json: Optional[str] = None,
+            epochs: Optional[int] = None, workers: int = 2, output_dir: str = "bench/results", command: str = "",
+            train_size: Optional[int] = None, val_size: Optional[int] = None) -> dict[str, Any]:
+    """SNELLA-32's recipe choices (layer score, reallocation schedule, initial sparsity, EMA, BatchNorm
+    statistics) compared on the suite's val split, at the lr a full suite chose."""
+    from pathlib import Path
+
+    from snella.bench.accuracy import SuiteConfig
+    from snella.bench.recipes import VARIANTS, run_recipes
+
+    overrides = {k: v for k, v in dict(tasks=tasks, backbones=backbones, epochs=epochs, train_size=train_size,
+                                       val_size=val_size).items() if v is not None}
+    config = SuiteConfig(**overrides, workers=workers, output_dir=output_dir)
+    return run_recipes(config, list(variants or VARIANTS), list(seeds), Path(suite_json) if suite_json else None,
+                       command=command)
 
 
 # ---------------------------------------------------------------- arguments
@@ -102,10 +121,34 @@ def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the CSV, markdown and JSON go (default: bench/results)")
 
 
+def _add_recipes_arguments(parser: argparse.ArgumentParser) -> None:
+    from snella.bench.accuracy import BACKBONES
+    from snella.bench.recipes import VARIANTS
+    from snella.bench.tasks import TASKS
+
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                        help="recipes to compare (default: all: " + "; ".join(f"{k}: {v.about}" for k, v in
+                                                                               VARIANTS.items()) + ")")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), metavar="TASK", help="tasks (default: all)")
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), metavar="NAME",
+                        help="backbones (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default: 0 1)")
+    parser.add_argument("--suite-json", metavar="FILE", help="a full `snella bench accuracy` JSON whose SNELLA-32 "
+                        "learning rates are used (default: the middle of SNELLA-32's grid)")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: the suite's, 5)")
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}-size", type=int, metavar="N", help=f"images in each task's {split} split "
+                            "(default: the suite's); smaller for a smoke test")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained in parallel (default: 2)")
+    parser.add_argument("--output-dir", default="bench/results", help="where the CSV, markdown and JSON go "
+                        "(default: bench/results)")
+
+
 BENCH_COMMANDS = {
     "memory": (memory.__doc__, _add_memory_speed_arguments),
     "speed": (speed.__doc__, _add_speed_arguments),
     "accuracy": (accuracy.__doc__, _add_accuracy_arguments),
+    "recipes": (recipes.__doc__, _add_recipes_arguments),
 }
 
 
@@ -129,6 +172,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`
+    if args.bench_command == "recipes":
+        result = recipes(args.variants, args.tasks, args.backbones, args.seeds, args.suite_json, args.epochs,
+                         args.workers, args.output_dir, command="snella bench " + shlex.join(argv),
+                         train_size=args.train_size, val_size=args.val_size)
+        print(result["files"][1].read_text())
+        return 0
     result = accuracy(args.quick, args.tasks, args.backbones, args.methods, args.epochs, args.seeds, args.workers,
                       args.output_dir, command="snella bench " + shlex.join(argv), train_size=args.train_size,
                       val_size=args.val_size, test_size=args.test_size)

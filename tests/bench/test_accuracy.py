@@ -130,6 +130,21 @@ def test_linear_trains_only_the_head_and_saves_only_it(easy, one_thread):
     assert 4 * 258 < result["adapter_bytes"] < 4 * 258 + 4096  # float32 head + the file's header
 
 
+def test_ema_and_overrides_reach_the_run(easy, one_thread):
+    train, test = easy
+    # an EMA that forgets at once scores what the trained weights score; an EMA never changes the training
+    follow = A.train_and_score(A.BACKBONES["vit"], "linear", 1e-1, 0, train, test, epochs=2, batch_size=16,
+                               warmup_epochs=0, ema_decay=1e-9)
+    assert follow["accuracy"] == follow["accuracy_no_ema"] and follow["accuracy"] > 0.9
+    frozen = A.train_and_score(A.BACKBONES["vit"], "linear", 1e-1, 0, train, test, epochs=2, batch_size=16,
+                               warmup_epochs=0, ema_decay=1 - 1e-12, overrides={})
+    assert frozen["accuracy_no_ema"] == follow["accuracy_no_ema"]
+    # 8 steps in units of 2: T = ceil(8 / 2) - 1 = 3 allocation points after the initial one (steps 2, 4, 6)
+    snella = A.train_and_score(A.BACKBONES["vit"], "snella-32", 1e-2, 0, train, test, epochs=2, batch_size=16,
+                               warmup_epochs=0, overrides={"allocation_interval": 2})
+    assert snella["reallocations"] == 3
+
+
 def test_a_run_is_deterministic_for_its_seed(easy, one_thread):
     train, test = easy
     runs = [A.train_and_score(A.BACKBONES["vit"], "lora-8", 3e-3, seed, train, test, epochs=1, batch_size=32)
