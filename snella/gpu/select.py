@@ -21,7 +21,7 @@ from torch import Tensor
 HIGH_BINS = 32768  # the top 16 bits of a key; its sign bit is 0 (|x|), so 2^15 values
 LOW_BINS = 65536  # the low 16 bits
 BLOCK = 1024  # elements per program of a histogram pass
-SCAN = 1024  # bins per step of a resolve scan
+SCAN = 4096  # bins per step of a resolve scan (one program per matrix walks its histogram)
 GROUP = 3  # matrices per resolve launch (their ranks are scalar arguments); a layer has 1 or 3
 
 
