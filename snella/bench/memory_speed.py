@@ -218,6 +218,8 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
                     last[method] = row
                     memory = f"{row['peak_memory_mb']:9.1f} MB" if harness == "memory" else f"round {round_ + 1}/{repeats}"
                     log(f"{model} b{batch} {method:16s} {memory} {row['step_seconds']:8.3f} s/step")
+                    if harness == "memory":  # one round: the row is final, keep it at once (a run cut short keeps it)
+                        _write_results(rows + [{**row, "run": run, "harness": harness}], output_dir, chart=False)
             for method in [m for m in methods if times[m]]:
                 row = {**last[method], "step_seconds": round(statistics.median(times[method]), 4),
                        "run": run, "harness": harness}
@@ -226,13 +228,13 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
                     row["repeats"] = repeats
                     row["round_seconds"] = " ".join(f"{t:.3f}" for t in times[method])
                 rows.append(row)
-            csv_path = _write_results(rows, output_dir)  # after each (model, batch): a cut-short run keeps it
+            csv_path = _write_results(rows, output_dir)  # after each (model, batch), with the chart
     log(f"wrote {csv_path}")
     return rows
 
 
-def _write_results(rows: list[dict], output_dir: str) -> Path:
-    """Merge ``rows`` into the results file of this hardware and versions; rewrite its tables and chart."""
+def _write_results(rows: list[dict], output_dir: str, chart: bool = True) -> Path:
+    """Merge ``rows`` into the results file of this hardware and versions; rewrite its tables (and chart)."""
     import torch
     import timm
 
@@ -242,5 +244,6 @@ def _write_results(rows: list[dict], output_dir: str) -> Path:
     csv_path = write_csv(all_rows, out / f"memory-speed-{tag}.csv")
     (out / f"memory-{tag}.md").write_text(markdown_table(all_rows, "peak_memory_mb") + "\n")
     (out / f"speed-{tag}.md").write_text(markdown_table(all_rows, "step_seconds") + "\n")
-    bar_chart(all_rows, out / f"memory-speed-{tag}.png")
+    if chart:
+        bar_chart(all_rows, out / f"memory-speed-{tag}.png")
     return csv_path
