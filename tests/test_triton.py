@@ -304,8 +304,8 @@ def test_switch_values(monkeypatch):
         gpu.wanted(t)
 
 
-@pytest.mark.slow  # ViT-S sizes in the interpreter: about a minute on CPU
-@pytest.mark.parametrize("shape", [(3, 384, 384, 32), (1, 1536, 384, 32)])
+@pytest.mark.slow  # a ViT-S-wide matrix in the interpreter (ViT-S's full 384 x 384 takes minutes there)
+@pytest.mark.parametrize("shape", [(1, 96, 384, 32)])
 def test_vit_s_sizes_match_the_torch_path(monkeypatch, shape):
     S, n_out, n_in, r = shape
     A, B, c, *scal = factors(S, n_out, n_in, r, seed=11)
