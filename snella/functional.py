@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import cpu_ext
+from . import cpu_ext, gpu
 
 KERNELS = ("mixed", "piecewise", "rbf", "sigmoid", "linear")
 # "none": the dense kernel with no competition at all (dW = K'; the authors ran some tasks so); it
@@ -182,6 +182,8 @@ def kth_smallest(values: Tensor, k: int, sample: int = 16384, absolute: bool = F
     of this: the same exact value in about a fifth of the time.
     """
     flat = values.reshape(-1)
+    if flat.device.type != "cpu":  # the bracket below reads counts on the host: a sync per matrix there
+        return kth_smallest_on_device(flat, k, absolute)
     n = flat.numel()
     ext = cpu_ext.module_for(flat) if absolute and n > _KTH_DIRECT and flat.is_contiguous() else None
     if ext is not None:  # the C++ radix select: exact, two passes, about 1 ns an element (cpu_ext.py)
@@ -218,6 +220,22 @@ def kth_smallest(values: Tensor, k: int, sample: int = 16384, absolute: bool = F
     k_band = k - int(below)
     if 1 <= k_band <= band.numel():
         return torch.kthvalue(band, k_band).values
+    return torch.kthvalue(flat.abs() if absolute else flat, k).values
+
+
+def kth_smallest_on_device(values: Tensor, k: int, absolute: bool = False) -> Tensor:
+    """Exact k-th smallest (1-indexed) of a flat tensor (of ``|values|`` if ``absolute``) with no host sync.
+
+    What ``kth_smallest`` does off the CPU: no count or shape depends on the data, so a training step
+    queues its work without waiting for the device. With ``absolute`` on float32 where the Triton passes
+    apply (``gpu.wanted``), their radix select (``gpu/select.py``: four launches, no full-size
+    temporary); otherwise ``torch.kthvalue`` on the device. Both return the value ``kth_smallest`` does.
+    """
+    flat = values.reshape(-1)
+    if absolute and gpu.wanted(flat):
+        from .gpu.select import kth_abs
+
+        return kth_abs(flat.contiguous().view(1, -1), [k])[0]
     return torch.kthvalue(flat.abs() if absolute else flat, k).values
 
 

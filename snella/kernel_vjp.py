@@ -21,6 +21,12 @@ backward's) run in the C++ loops of ``csrc/fused_kernel.cpp`` (``cpu_ext``) when
 values stay in torch, so forward and backward compute the same K' bit for bit and mask the same entries.
 ``tests/test_cpu_ext.py`` checks the C++ passes against the torch ones.
 
+On CUDA (float32, triton importable, ``SNELLA_TRITON`` not 0: ``gpu/__init__.py``), both functions
+hand the whole matrix to the Triton passes of ``gpu/kernel.py``, which keep the same contract and
+select the threshold on the device. The torch passes here run on CUDA without a host sync as well
+(the selection is ``torch.kthvalue`` on the device, the clamped-distance mask is always applied);
+``tests/test_triton.py`` checks the Triton passes against these.
+
 Shapes: ``A (S, P, in, d)``, ``B (S, P, out, d)``, scalars ``(S,)``, ``c (P,)``; updates ``(S, out, in)``.
 """
 
@@ -31,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import cpu_ext
+from . import cpu_ext, gpu
 from .functional import _DIST_EPS, PASS_CHUNK, selection_threshold
 
 FAST_KERNELS = ("mixed", "piecewise")
@@ -130,6 +136,12 @@ def kernel_forward(A: Tensor, B: Tensor, c: Tensor, alpha: Optional[Tensor], gam
     Returns:
         ``(out (S, out, in), thresholds (S,), state or None)``: ``sparsify(K') + base``.
     """
+    if gpu.wanted(A):
+        from .gpu import kernel as triton_kernel
+
+        out, thresholds = triton_kernel.kernel_forward(A, B, c, alpha, gamma, beta, kernel, mode, sparsity,
+                                                       thresholds, out=out, base=base)
+        return out, thresholds, None
     S, P, n_in, _ = A.shape
     n_out = B.shape[2]
     if out is None:
@@ -182,11 +194,17 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
     competition's multiplier is treated as a constant (it is detached in the authors' code), exactly as
     ``functional.apply_competition``.
     """
+    if gpu.wanted(A):
+        from .gpu import kernel as triton_kernel
+
+        return triton_kernel.kernel_backward(grad, A, B, c, alpha, gamma, beta, kernel, mode, thresholds,
+                                             block_hook=block_hook)
     S, P, n_in, d = A.shape
     n_out = B.shape[2]
     nb = block_width(S, P, n_out, n_in)
     levels = _per_matrix(thresholds)
     ext = cpu_ext.module_for(A)
+    on_cpu = A.device.type == "cpu"
     cp = c.to(A.dtype).repeat(S).view(S * P, 1, 1)
     Bf = B.reshape(S * P, n_out, d)
     B1 = torch.cat([Bf, Bf.new_ones(S * P, n_out, 1)], -1)  # (S*P, out, d+1): the ones give column sums
@@ -237,7 +255,9 @@ def kernel_backward(grad: Tensor, A: Tensor, B: Tensor, c: Tensor, alpha: Option
         # E_p = g / D_p: dL/dB_p = c_p (B_p * rowsum(E_p) - E_p A_p), dL/dA_p = c_p (A_p * colsum(E_p) - E_p^T B_p).
         # A column of ones appended to A and B makes each GEMM return the row/column sums as well, and
         # c_p scales the small results instead of the large E.
-        clamped = D <= d_min if D.amin() <= d_min else None
+        # On the CPU the mask is skipped when no distance was clamped (the common case); elsewhere that
+        # test would be a host sync per block, so the mask is always made.
+        clamped = D <= d_min if not on_cpu or D.amin() <= d_min else None
         E = D.reciprocal_().mul_(g.unsqueeze(1))  # (S, P, out, nb), in D's storage
         del D, g
         if clamped is not None:

@@ -55,7 +55,7 @@ class DeltaSpec:
             return K, torch.full((K.shape[0],), float("nan"), device=K.device, dtype=K.dtype)
         if thresholds is None:
             # Every level, 0 included, competes (SPEC.md section 4): at 0 the threshold is the minimum.
-            thresholds = torch.stack([Fn.selection_threshold(K[s].detach().abs(), level, self.mode)
+            thresholds = torch.stack([Fn.selection_threshold(K[s].detach(), level, self.mode, absolute=True)
                                       for s, level in enumerate(self.sparsity)]).to(K.dtype)
         parts = [Fn.apply_competition(K[s], thresholds[s], self.mode) for s in range(len(self.sparsity))]
         return torch.stack(parts), thresholds  # (S, out_s, in)

@@ -15,6 +15,11 @@ from torch import nn
 # tests/spec_reference.py (independent transcriptions of SPEC.md) is imported by name from the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Without a GPU, the Triton passes (snella/gpu/) run through triton's interpreter (tests/test_triton.py).
+# Triton reads the switch when a kernel is defined, so it is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # family -> (timm name, kwargs, input side). Shrunk to 20k-600k parameters so a training step takes
 # milliseconds; ConvNeXt's layer scale and EVA's head start at 1 (their defaults, 1e-6 and 1e-3, would
 # hide any adapter's effect on the output); all randomly initialised (pretrained=False works offline).

@@ -75,3 +75,72 @@ def test_cuda_bf16_autocast_keeps_the_effect():
             gpu.disable_adapters = False
     a, b = (y16.double() - y016.double()).flatten(), (y32.double() - y0.double()).flatten()
     assert float(a @ b / (a.norm() * b.norm())) >= 0.99
+
+
+@pytest.mark.parametrize("path", ["0", "1"])  # the torch passes, the Triton passes
+@pytest.mark.parametrize("mode", ["magnitude", "soft"])
+def test_a_training_step_issues_no_host_sync(monkeypatch, path, mode):
+    """Forward, backward and the optimizer step of adapted layers (a split qkv and a single matrix) run
+    with CUDA's sync debug mode set to raise: no .item(), no data-dependent shape, no blocking copy."""
+    monkeypatch.setenv("SNELLA_TRITON", path)
+    _, qkv = layer_pair(nn.Linear(192, 576), r=32, competition=mode)
+    _, fc = layer_pair(nn.Linear(192, 768), r=32, competition=mode)
+    params = [p for layer in (qkv, fc) for p in layer.factors("default") if p is not None]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    x = torch.randn(4, 50, 192, device="cuda")
+
+    def step():
+        loss = fc(qkv(x)[..., :192]).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # compiles the kernels, warms the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+VIT_B = {"qkv": (3, 768, 768), "proj": (1, 768, 768), "fc1": (1, 3072, 768), "fc2": (1, 768, 3072)}
+
+
+@pytest.mark.parametrize("name", list(VIT_B))
+@pytest.mark.parametrize("mode", ["magnitude", "soft"])
+def test_triton_matches_torch_at_vit_b_sizes(monkeypatch, name, mode):
+    """The Triton passes against the torch passes on ViT-B's matrices (rank 32, sparsity 0.8; the
+    split qkv at 0, 0.5, 0.8): update, thresholds, the mask up to entries at the threshold's
+    rounding, every gradient; and the radix select against torch.kthvalue, bit for bit."""
+    from snella import functional as Fn
+    from snella import kernel_vjp
+    from snella.gpu.select import kth_abs
+
+    S, n_out, n_in = VIT_B[name]
+    g = torch.Generator().manual_seed(0)
+    A = ((torch.rand(S, 2, n_in, 16, generator=g) * 2 - 1) * 0.2).cuda()
+    B = ((torch.rand(S, 2, n_out, 16, generator=g) * 2 - 1) * 0.2).cuda()
+    scal = [t.cuda() for t in (torch.ones(S) * 1.1, torch.ones(S) * 0.9, torch.full((S,), 0.01))]
+    c = Fn.chunk_coefficients(2, device="cuda")
+    levels = [0.0, 0.5, 0.8][:S] if S == 3 else [0.8]
+    grad = torch.randn(S, n_out, n_in, generator=g).cuda()
+    results = {}
+    for path in ("0", "1"):
+        monkeypatch.setenv("SNELLA_TRITON", path)
+        delta, thr, _ = kernel_vjp.kernel_forward(A, B, c, *scal, "mixed", mode, levels)
+        grads = kernel_vjp.kernel_backward(grad, A, B, c, *scal, "mixed", mode, levels, thr)
+        results[path] = (delta, thr, grads)
+    (d0, t0, g0), (d1, t1, g1) = results["0"], results["1"]
+    scale = float(d0.abs().max())
+    torch.testing.assert_close(d1, d0, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-7)
+    flips = ((d0 != 0) != (d1 != 0)).sum().item()
+    assert flips <= 1e-5 * d0.numel()
+    for label, a, b in zip(("A", "B", "alpha", "gamma", "beta"), g1, g0):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4 * float(b.abs().max()), msg=label)
+    flat = d0.reshape(S, -1).abs().contiguous()
+    ks = [max(1, int(level * flat.shape[1])) for level in levels]
+    want = torch.stack([torch.kthvalue(flat[s], k).values for s, k in enumerate(ks)])
+    assert torch.equal(kth_abs(flat, ks), want)

@@ -18,26 +18,28 @@ DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_pat
 
 def memory(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
            steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
-           image_size: int = 224, device: str = "cpu") -> list[dict]:
+           image_size: int = 224, device: str = "cpu", timeout: Optional[float] = None,
+           keep_going: bool = False) -> list[dict]:
     """Peak training memory of every method, each in its own process (its step times are kept, not reported)."""
     from snella.bench.memory_speed import run_suite
     from snella.bench.worker import METHODS
 
     return run_suite(models=models, batches=batches, methods=methods or METHODS, output_dir=output_dir, steps=steps,
                      rank=rank, sparsity=sparsity, image_size=image_size, device=device, harness="memory",
-                     repeats=1)
+                     repeats=1, timeout=timeout, keep_going=keep_going)
 
 
 def speed(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Optional[Sequence[str]] = None,
           steps: int = 3, output_dir: str = "bench/results", rank: int = 32, sparsity: float = 0.8,
-          image_size: int = 224, device: str = "cpu", repeats: int = 3) -> list[dict]:
+          image_size: int = 224, device: str = "cpu", repeats: int = 3, timeout: Optional[float] = None,
+          keep_going: bool = False) -> list[dict]:
     """Training-step time of every method, each in its own process with the default allocator, in interleaved rounds."""
     from snella.bench.memory_speed import run_suite
     from snella.bench.worker import METHODS
 
     return run_suite(models=models, batches=batches, methods=methods or METHODS, output_dir=output_dir, steps=steps,
                      rank=rank, sparsity=sparsity, image_size=image_size, device=device, harness="speed",
-                     repeats=repeats)
+                     repeats=repeats, timeout=timeout, keep_going=keep_going)
 
 
 def accuracy(quick: bool = False, tasks: Optional[Sequence[str]] = None, backbones: Optional[Sequence[str]] = None,
@@ -89,6 +91,9 @@ def _add_memory_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--output-dir", default="bench/results",
                         help="where the CSV, tables and chart go (default: bench/results)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds one method's worker may take (default: none)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="leave out a method whose worker fails or times out, and measure the rest")
 
 
 def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,9 +171,9 @@ def run_bench(args: argparse.Namespace) -> int:
         common = (args.models, args.batches, args.methods, args.steps, args.output_dir, args.rank, args.sparsity,
                   args.image_size, args.device)
         if args.bench_command == "memory":
-            memory(*common)
+            memory(*common, timeout=args.timeout, keep_going=args.keep_going)
         else:
-            speed(*common, repeats=args.repeats)
+            speed(*common, repeats=args.repeats, timeout=args.timeout, keep_going=args.keep_going)
         return 0
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`

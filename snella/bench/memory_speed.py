@@ -179,15 +179,16 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (8,), methods: Sequence[str] = METHODS,
               output_dir: str = "bench/results", steps: int = 3, warmup: int = 1, rank: int = 32,
               sparsity: float = 0.8, image_size: int = 224, device: str = "cpu",
-              model_kwargs: Optional[dict] = None, log=print, harness: str = "memory", repeats: int = 1) -> list[dict]:
+              model_kwargs: Optional[dict] = None, log=print, harness: str = "memory", repeats: int = 1,
+              timeout: Optional[float] = None, keep_going: bool = False) -> list[dict]:
     """Measure every (model, batch, method) and write CSV, tables and chart; rows are returned.
 
     ``harness`` "memory" (peak memory; one run per method) or "speed" (step time; ``repeats``
-    interleaved rounds, the median taken): see the module's docstring.
+    interleaved rounds, the median taken): see the module's docstring. ``timeout``: seconds one
+    worker may take. ``keep_going``: a method whose worker fails or times out is logged and left
+    out, and the others are measured (for an unattended run on a lent machine). The files are
+    rewritten after each (model, batch), so a run cut short keeps what it measured.
     """
-    import torch
-    import timm
-
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown benchmark method {m!r}; accepted: {', '.join(METHODS)}")
@@ -196,20 +197,30 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
     if repeats < 1 or (harness == "memory" and repeats != 1):
         raise ValueError(f"repeats={repeats}: the speed harness takes 1 or more, the memory harness exactly 1")
     run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    rows = []
+    rows: list[dict] = []
+    csv_path = None
     for model in models:
         for batch in batches:
             times: dict[str, list[float]] = {m: [] for m in methods}
             last: dict[str, dict] = {}
             for round_ in range(repeats):
                 for method in methods:  # interleaved: every round visits every method
-                    row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
-                                  image_size=image_size, device=device, model_kwargs=model_kwargs, harness=harness)
+                    try:
+                        row = run_one(method, model, batch, steps=steps, warmup=warmup, rank=rank, sparsity=sparsity,
+                                      image_size=image_size, device=device, model_kwargs=model_kwargs,
+                                      harness=harness, timeout=timeout)
+                    except (RuntimeError, subprocess.TimeoutExpired) as error:
+                        if not keep_going:
+                            raise
+                        log(f"{model} b{batch} {method:16s} FAILED, left out: {str(error).strip()[-400:]}")
+                        continue
                     times[method].append(row["step_seconds"])
                     last[method] = row
                     memory = f"{row['peak_memory_mb']:9.1f} MB" if harness == "memory" else f"round {round_ + 1}/{repeats}"
                     log(f"{model} b{batch} {method:16s} {memory} {row['step_seconds']:8.3f} s/step")
-            for method in methods:
+                    if harness == "memory":  # one round: the row is final, keep it at once (a run cut short keeps it)
+                        _write_results(rows + [{**row, "run": run, "harness": harness}], output_dir, chart=False)
+            for method in [m for m in methods if times[m]]:
                 row = {**last[method], "step_seconds": round(statistics.median(times[method]), 4),
                        "run": run, "harness": harness}
                 if harness == "speed":
@@ -217,12 +228,22 @@ def run_suite(models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[int] = (
                     row["repeats"] = repeats
                     row["round_seconds"] = " ".join(f"{t:.3f}" for t in times[method])
                 rows.append(row)
+            csv_path = _write_results(rows, output_dir)  # after each (model, batch), with the chart
+    log(f"wrote {csv_path}")
+    return rows
+
+
+def _write_results(rows: list[dict], output_dir: str, chart: bool = True) -> Path:
+    """Merge ``rows`` into the results file of this hardware and versions; rewrite its tables (and chart)."""
+    import torch
+    import timm
+
     tag = f"{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
     out = Path(output_dir)
     all_rows = add_ratios(merge_rows(out / f"memory-speed-{tag}.csv", rows))
     csv_path = write_csv(all_rows, out / f"memory-speed-{tag}.csv")
     (out / f"memory-{tag}.md").write_text(markdown_table(all_rows, "peak_memory_mb") + "\n")
     (out / f"speed-{tag}.md").write_text(markdown_table(all_rows, "step_seconds") + "\n")
-    bar_chart(all_rows, out / f"memory-speed-{tag}.png")
-    log(f"wrote {csv_path}")
-    return rows
+    if chart:
+        bar_chart(all_rows, out / f"memory-speed-{tag}.png")
+    return csv_path

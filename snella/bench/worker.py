@@ -87,7 +87,8 @@ def measure(method: str, model_name: str, batch: int, steps: int = 3, warmup: in
     import snella.training.methods  # noqa: F401
     from snella import cpu_ext
 
-    cpu_ext.get()  # the C++ competition passes (a small shared library), loaded for every method alike
+    if dev.type == "cpu":  # the C++ competition passes (a small shared library), loaded for every method alike;
+        cpu_ext.get()  # on CUDA they are never used, and building them would cost each worker a compile
     baseline_kb = _status_kb("VmRSS")
     model, after_step = build(method, model_name, num_classes, rank, sparsity, model_kwargs)
     model.to(dev).train()
