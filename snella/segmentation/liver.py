@@ -93,5 +93,7 @@ def load_liver(split: str, transform: Callable | None = None, channels: int = 3,
     images, masks = liver_slices(tuple(window))
     parts = slice_splits(len(images))
     index = np.concatenate([parts["train"], parts["val"]]) if split == "trainval" else parts[split]
-    return ArraySegmentationDataset(images[index], masks[index], LIVER_CLASSES, "liver-ct", split, transform,
-                                    channels=channels)
+    dataset = ArraySegmentationDataset(images[index], masks[index], LIVER_CLASSES, "liver-ct", split, transform,
+                                       channels=channels)
+    dataset.slices = index  # the axial slice number of each item
+    return dataset

@@ -9,7 +9,8 @@ report: Dice and IoU of each image's foreground (1 when both are empty), and MAE
 The structural measures see the whole image: ignored pixels count as background there.
 
 Under DDP every rank updates its own accumulator; ``state()`` is one float64 tensor whose all-reduced sum,
-given to ``from_state``, is the accumulator of all ranks together.
+given to ``from_state``, is the accumulator of all ranks together (``state()`` is on the CPU: move it to the
+process group's device for NCCL). Sums are float64, exact for pixel counts below 2^53.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def test_liver_slices_are_the_axial_slices_of_the_volume(liver_volumes):
     data = liver.load_liver("test")
     assert data.classes == ["background", "liver", "tumour"] and len(data) == 20
     k = int(liver.slice_splits(128)["test"][3])
+    assert int(data.slices[3]) == k
     expected = liver.hu_window(hu[:, :, k].T, 40.0, 400.0)  # axial slice k: last axis of the (x, y, z) volume
     image, mask = data[3]
     assert image.shape == (3, 128, 128)
