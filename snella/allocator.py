@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from snella.config import SettingError
+
 SCORES = ("sensitivity", "frobenius")
 SCHEDULES = ("epoch", "steps", "adaptive")
 
@@ -305,33 +307,31 @@ class AllocatorConfig:
     final: int = field(default=0, metadata={"help": "t_f: allocation units held at the target at the end (authors: 0)"})
 
     def __post_init__(self) -> None:
-        for name in ("target_sparsity", "init_sparsity"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        def bad(name: str, accepted: str) -> None:
+            raise SettingError(name, getattr(self, name), accepted)
+
+        # init first: a caller checking init_sparsity alone passes it as the target too
+        for name in ("init_sparsity", "target_sparsity"):
+            if not _is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number in [0, 1)")
         if self.init_sparsity > self.target_sparsity:
-            raise ValueError(
-                f"init_sparsity={self.init_sparsity} must be <= target_sparsity={self.target_sparsity} "
-                f"(the budget only shrinks); set init_sparsity to at most {self.target_sparsity}"
-            )
+            bad("init_sparsity", f"at most target_sparsity={self.target_sparsity} (the budget only shrinks)")
         if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+            bad("score", ", ".join(SCORES))
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            bad("schedule", ", ".join(SCHEDULES))
         if self.interval_steps is not None and (not _is_int(self.interval_steps) or self.interval_steps <= 0):
-            raise ValueError(f"interval_steps must be a positive int or None, got {self.interval_steps!r}")
+            bad("interval_steps", "a positive integer or None")
         if self.schedule in ("steps", "adaptive") and self.interval_steps is None:
-            raise ValueError(f"schedule={self.schedule!r} needs interval_steps (a positive int), got None")
+            bad("interval_steps", f"a positive integer, which schedule={self.schedule!r} needs")
         if not _is_number(self.adaptive_threshold) or not self.adaptive_threshold > 0:
-            raise ValueError(f"adaptive_threshold must be a number > 0, got {self.adaptive_threshold!r}")
+            bad("adaptive_threshold", "a number > 0")
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+            if not _is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number in [0, 1)")
         for name in ("warmup", "final"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0 (allocation units), got {value!r}")
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "an integer >= 0 (allocation units)")
 
 
 # ---------------------------------------------------------------- allocator

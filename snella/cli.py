@@ -72,7 +72,7 @@ def merge(run: str, output: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- arguments of each subcommand
 
 # First field of each argument group of `snella finetune --help`.
-_GROUPS = {"model": "model", "data": "data", "method": "method", "epochs": "optimisation", "seed": "run",
+_GROUPS = {"task": "task", "model": "model", "data": "data", "method": "method", "epochs": "optimisation", "seed": "run",
            "debug_step_delay": "testing hooks"}
 
 

@@ -16,6 +16,18 @@ CONFIG_NAME = "adapter_config.json"
 DROPOUT_EXCLUDE = r"(?:.*\.)?(?:attn\.proj|out_proj|o_proj|attention\.output\.dense)"
 
 
+class SettingError(ValueError):
+    """A bad value of one setting: which setting, its value and what is accepted.
+
+    The fields let a caller that exposes the setting under another name (``snella finetune``'s
+    TrainConfig) re-word the message without validating the value a second time.
+    """
+
+    def __init__(self, name: str, value, accepted: str, prefix: str = ""):
+        self.name, self.value, self.accepted = name, value, accepted
+        super().__init__(f"{prefix}{name}={value!r} is invalid; accepted: {accepted}")
+
+
 @dataclass
 class SnellaConfig:
     """Everything that defines an adapter; saved beside its weights as ``adapter_config.json``.
@@ -44,7 +56,7 @@ class SnellaConfig:
 
     def __post_init__(self):
         def bad(name, value, accepted):
-            raise ValueError(f"SnellaConfig.{name}={value!r} is invalid; accepted: {accepted}")
+            raise SettingError(name, value, accepted, prefix="SnellaConfig.")
 
         if not isinstance(self.r, int) or self.r < 1:
             bad("r", self.r, "a positive integer")
@@ -70,8 +82,9 @@ class SnellaConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 bad(name, value, "a probability in [0, 1)")
-        if self.init_scale <= 0:
-            bad("init_scale", self.init_scale, "a positive number")
+        for name in ("init_scale", "chunk_scale"):
+            if not getattr(self, name) > 0:
+                bad(name, getattr(self, name), "a positive number")
         for name in ("target_modules", "exclude_modules", "adapter_dropout_exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -133,5 +146,4 @@ class SnellaConfig:
 def check_sparsity(name: str, value) -> None:
     """Raise a ValueError unless ``value`` is a sparsity level in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name}={value!r} is invalid; accepted: a fraction in [0, 1) "
-                         "(0 = dense, 0.9 keeps 10% of the update's entries)")
+        raise SettingError(name, value, "a fraction in [0, 1) (0 = dense, 0.9 keeps 10% of the update's entries)")

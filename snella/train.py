@@ -1,4 +1,4 @@
-"""The fine-tuning loop behind `snella finetune`: every method, one machine or many, resumable; read top to bottom."""
+"""The fine-tuning loop behind `snella finetune`: every task and method, one machine or many, resumable; read top to bottom."""
 
 from __future__ import annotations
 
@@ -9,30 +9,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import snella
-from snella.allocator import AllocatorConfig, BudgetAllocator
-from snella.data import load_dataset
+from snella.allocator import BudgetAllocator
+from snella.plots import plot_allocation
+from snella.tasks import Task, TaskData, get_task
 from snella.training import distributed as distrib
 from snella.training.checkpoint import (checkpoint_path, load_checkpoint, rank_rng_state, rng_state, save_checkpoint,
                                        set_rng_state)
 from snella.training.config import TrainConfig
-from snella.data.augment import random_shift
-from snella.training.data import (augment_generator, batches, epoch_order, input_spec, load_split, num_batches,
-                                  prepare, shard)
-from snella.training.evaluation import accuracy, autocast, logits_of
+from snella.training.data import augment_generator, batches, epoch_order, num_batches, shard
+from snella.training.evaluation import autocast
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
 from snella.training.norm import save_batchnorm_stats, set_train_mode
 from snella.training.optim import build_optimizer, build_scheduler, update_step
-from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, CURVES_PLOT, METRICS_FILE, RUN_FILE,
-                                     CONFIG_FILE, check_output_dir, clear_run, default_output_dir, folder_bytes,
-                                     write_json)
-from snella.training.report import MemoryMeter, print_summary, write_plots
-from snella.training.runs import build_backbone
+from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, METRICS_FILE, RUN_FILE, CONFIG_FILE,
+                                     check_output_dir, clear_run, default_output_dir, folder_bytes, write_json)
+from snella.training.report import MemoryMeter, print_summary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def finetune(config: TrainConfig) -> dict[str, Any]:
-    """Fine-tune ``config.model`` on ``config.data`` with ``config.method`` and write the run's outputs.
+    """Fine-tune ``config.model`` on ``config.data`` for ``config.task`` with ``config.method``; write the outputs.
 
     Under torchrun every process calls this; they train data-parallel and rank 0 writes the files.
 
@@ -71,27 +67,20 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     check_output_dir(out, config.overwrite, config.resume)
     distrib.barrier(ctx)
 
-    # ---- data and backbone: the class count sizes the head, the backbone decides the input size
-    train_raw = load_dataset(config.data, config.train_split, None, skip_bad_images=config.skip_bad_images,
-                             seed=config.seed)
+    # ---- data and model, from the task: the data may size the model (a class count), the model
+    # decides the input (its size, mean and std)
+    task = get_task(config.task)
+    train_raw = task.load_train(config)
+    info = task.model_info(train_raw)
     torch.manual_seed(config.seed)  # the new head's init, the same on every rank
-    backbone = build_backbone(config, train_raw.num_classes)
-    spec = input_spec(config, backbone)
-    train_set = prepare(train_raw, spec, train=True, limit=config.train_limit)
-    test_set = load_split(config, spec, config.test_split, train=False, limit=config.test_limit)
-    val_set = load_split(config, spec, config.val_split, False, config.test_limit) if config.val_split else None
-    if config.random_shift >= spec.image_size:
-        raise ValueError(f"random_shift={config.random_shift} is invalid for {spec.image_size}px inputs; accepted: "
-                         f"0 to {spec.image_size - 1} pixels")
-    for other in (test_set, val_set):
-        if other is not None and other.classes != train_set.classes:
-            raise ValueError(f"{config.data}: split {other.split!r} has classes {other.classes[:10]}, the training "
-                             f"split {train_set.classes[:10]}; every split must have the same classes")
+    backbone = task.build_model(config, info)
+    data = task.datasets(config, train_raw, backbone)
+    train_set, test_set, val_set = data.train, data.test, data.val
 
     # ---- the method: which parameters train
     method = get_method(config.method)
     torch.manual_seed(config.seed)  # the adapter's init
-    model = method.apply(config, backbone).to(device)
+    model = method.apply(config, backbone, task.trained_in_full(config, backbone)).to(device)
     adapted = method.targets_summary(model)  # which modules were adapted, one line
     if ctx.is_main and adapted:
         print(adapted, flush=True)
@@ -123,14 +112,19 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         config.save_yaml(out / CONFIG_FILE)
-        write_json(out / RUN_FILE, {"classes": train_set.classes, "input": spec.to_dict(), "method": config.method,
-                                    "model": config.model, "snella_version": snella.__version__})
+        write_json(out / RUN_FILE, {**info, **data.info, "method": config.method, "model": config.model,
+                                    "snella_version": snella.__version__})
     distrib.barrier(ctx)
     if not config.resume:  # dropout and drop-path: each rank its own stream (seed + rank, as timm)
         torch.manual_seed(config.seed + ctx.rank)
 
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.distributed else model
+
+    def forward(*inputs):  # the task's forward pass, under the run's autocast
+        with autocast(device, config.precision):
+            return net(*inputs)
+
     meter = MemoryMeter(device)
     meter.start()
     epoch_bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", disable=not show, position=0)
@@ -139,33 +133,31 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         epoch_start, density = time.perf_counter(), _density(allocator, method, model)
         set_train_mode(model, config.bn_stats)  # BatchNorm statistics as the config says
         order = shard(epoch_order(len(train_set), config.seed, epoch), ctx.rank, ctx.world_size)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen: over all ranks
+        names, totals = [], None  # the task's statistics: sums over all ranks, then the item count
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                         disable=not show, position=1)
         shifts = augment_generator(config.seed, epoch, ctx.rank)
-        for images, labels in batches(train_set, order, rank_batch, config.num_workers, seed=config.seed + epoch):
-            images = random_shift(images, config.random_shift, shifts)  # (B, C, H, W)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for batch in batches(train_set, order, rank_batch, config.num_workers, seed=config.seed + epoch):
+            batch = task.augment(batch, config, shifts)
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
             # forward
-            with autocast(device, config.precision):
-                logits = logits_of(net(images))  # (B, num_classes)
-            loss = F.cross_entropy(logits.float(), labels)
+            result = task.training_step(forward, batch)
             if config.debug_nan_step == step + 1:
-                loss = loss * float("nan")
+                result.loss, result.stats["loss"] = result.loss * float("nan"), float("nan")
             # every rank sees the global loss, so all stop together on a bad one
-            stats = torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(),
-                                  len(labels)], dtype=torch.float64, device=device)
+            names = list(result.stats)
+            stats = torch.tensor([*result.stats.values(), result.count], dtype=torch.float64, device=device)
             stats = distrib.all_reduce_sum(ctx, stats).cpu()
             if not math.isfinite(stats[0]):
                 step_bar.close()
                 epoch_bar.close()
-                mean_loss = float(stats[0] / stats[2])
+                mean_loss = float(stats[0] / stats[-1])
                 raise NonFiniteLossError(_non_finite_message(mean_loss, epoch, step, config, out, history))
             # backward, update; the allocator reads |theta * grad| after the step, before the grads go
-            step = update_step(loss, optimizer, scheduler, allocator, step)
-            totals += stats
+            step = update_step(result.loss, optimizer, scheduler, allocator, step)
+            totals = stats if totals is None else totals + stats
             step_bar.update()
-            step_bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}",
+            step_bar.set_postfix(**{n: f"{totals[i] / totals[-1]:.3f}" for i, n in enumerate(names)},
                                  **({"density": f"{density:.3f}"} if density is not None else {}))
             if config.debug_step_delay:
                 time.sleep(config.debug_step_delay)
@@ -173,10 +165,10 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
 
         # ---- record the epoch, validate, checkpoint
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": float(totals[0] / totals[2]), "train_acc": float(totals[1] / totals[2]),
+                  **{f"train_{n}": float(totals[i] / totals[-1]) for i, n in enumerate(names)},
                   "density": density, "seconds": time.perf_counter() - epoch_start}
         if val_set is not None:
-            record["val_acc"] = accuracy(model, val_set, rank_batch, device, config.precision, ctx)[0]
+            record.update(task.val_record(task.evaluate(model, val_set, rank_batch, device, config.precision, ctx)))
         history.append(record)
         rngs = distrib.gather_objects(ctx, rng_state())  # every rank's generators: resume stays exact
         if ctx.is_main:
@@ -188,12 +180,12 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         distrib.barrier(ctx)
         epoch_bar.update()
         if ctx.is_main:
-            tqdm.write(_epoch_line(record, config.epochs))
+            tqdm.write(_epoch_line(task, record, config.epochs))
     epoch_bar.close()
     peak_mb = meter.peak_mb()
 
     # ---- test, check that the ranks agree, write the outputs
-    test_acc, test_images = accuracy(model, test_set, rank_batch, device, config.precision, ctx)
+    test = task.evaluate(model, test_set, rank_batch, device, config.precision, ctx)
     sparsities = {m.name: float(m.get_sparsity()) for m in method.matrices(model)}
     ranks = distrib.gather_objects(ctx, {"sparsities": sparsities, "checksum": _checksum(model)})
     metrics: Optional[dict[str, Any]] = None
@@ -203,20 +195,20 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
             save_batchnorm_stats(model, out / ADAPTER_DIR)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         metrics = {
-            "test_accuracy": test_acc, "test_split": config.test_split, "test_images": test_images,
+            **{f"test_{k}": v for k, v in test.items()}, "test_split": config.test_split,
             "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
             "adapter_bytes": folder_bytes(out / ADAPTER_DIR), "peak_memory_mb": peak_mb,
             "peak_memory_kind": meter.kind, "train_seconds": sum(r["seconds"] for r in history),
             "wall_seconds": time.perf_counter() - wall_start, "epochs": config.epochs, "steps": step,
-            "method": config.method, "model": config.model, "data": config.data, "output_dir": str(out),
-            "world_size": ctx.world_size, "skipped_images": len(train_raw.bad_images),
+            "task": config.task, "method": config.method, "model": config.model, "data": config.data,
+            "output_dir": str(out), "world_size": ctx.world_size, "skipped_images": data.skipped,
             "final_density": _density(allocator, method, model), "final_sparsities": sparsities,
             "ranks_agree": all(r == ranks[0] for r in ranks), "rank_results": ranks,
             "history": history, "allocation_history": allocator.history if allocator is not None else None,
         }
         write_json(out / METRICS_FILE, metrics)
-        write_plots(out, history, metrics["allocation_history"], CURVES_PLOT, ALLOCATION_PLOT)
-        print_summary(metrics)
+        _write_pictures(task, out, metrics, model, data, device, config.precision)
+        print_summary(metrics, task.summary_lines(metrics))
     return distrib.broadcast_object(ctx, metrics)
 
 
@@ -226,13 +218,18 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
 def _allocator(config: TrainConfig, method: Method, model: nn.Module, total_steps: int,
                steps_per_epoch: int) -> Optional[BudgetAllocator]:
     """SNELLA's budget allocator (sets every matrix to the initial sparsity); None for the other methods."""
-    if config.method != "snella" or config.sparsity == 0:
+    if not config.uses_allocator:
         return None  # a dense SNELLA has no budget to share
-    allocation = AllocatorConfig(target_sparsity=config.sparsity, init_sparsity=config.init_sparsity,
-                                 score=config.score, schedule=config.allocation,
-                                 interval_steps=config.allocation_interval,
-                                 adaptive_threshold=config.adaptive_threshold)
-    return BudgetAllocator(method.matrices(model), allocation, total_steps, steps_per_epoch)
+    return BudgetAllocator(method.matrices(model), config.allocator_config(), total_steps, steps_per_epoch)
+
+
+def _write_pictures(task: Task, out: Path, metrics: dict[str, Any], model: nn.Module, data: TaskData,
+                    device: torch.device, precision: str) -> list[Path]:
+    """The task's pictures, and allocation.png when the budget allocator ran."""
+    written = task.write_pictures(out, metrics["history"], model, data, device, precision)
+    if metrics["allocation_history"]:
+        written.append(plot_allocation(metrics["allocation_history"], out / ALLOCATION_PLOT))
+    return written
 
 
 def _density(allocator: Optional[BudgetAllocator], method: Method, model: nn.Module) -> Optional[float]:
@@ -269,11 +266,12 @@ def _non_finite_message(loss: float, epoch: int, step: int, config: TrainConfig,
             f"Lower --lr (now {config.lr}) or use --precision fp32, and start again with --overwrite.")
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    line = (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  acc {100 * record['train_acc']:.2f}%"
-            f"  lr {record['lr']:.2e}")
-    if record.get("val_acc") is not None:
-        line += f"  val {100 * record['val_acc']:.2f}%"
+def _epoch_line(task: Task, record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: the task's train statistics, the lr, its validation metrics, density, time."""
+    train = [k for k in record if k.startswith("train_")]
+    val = [k for k in record if k.startswith("val_") and record[k] is not None]
+    parts = [f"epoch {record['epoch']}/{epochs}", *(task.show(k, record[k]) for k in train), f"lr {record['lr']:.2e}",
+             *(task.show(k, record[k]) for k in val)]
     if record.get("density") is not None:
-        line += f"  density {100 * record['density']:.1f}%"
-    return line + f"  {record['seconds']:.1f}s"
+        parts.append(f"density {100 * record['density']:.1f}%")
+    return "  ".join(parts) + f"  {record['seconds']:.1f}s"

@@ -10,10 +10,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from snella.allocator import SCHEDULES, SCORES
+from snella.allocator import SCHEDULES, SCORES, AllocatorConfig
+from snella.config import DROPOUT_EXCLUDE, SettingError, SnellaConfig
 from snella.data.checks import SPLITS
 from snella.data.transforms import TRANSFORM_NAMES
-from snella.functional import COMPETITION_MODES
+from snella.functional import COMPETITION_MODES, KERNELS
+from snella.tasks.base import task_names
 from snella.training.norm import BN_STATS
 
 METHODS = ("snella", "snell", "lora", "full", "linear")
@@ -22,6 +24,11 @@ PRECISIONS = ("fp32", "bf16")
 RUN_ONLY = ("output_dir", "overwrite", "resume", "progress", "num_workers", "device",
             "debug_step_delay", "debug_nan_step")
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# TrainConfig's name of each AllocatorConfig field; SnellaConfig's fields keep their own names here.
+ALLOCATOR_FIELDS = {"target_sparsity": "sparsity", "init_sparsity": "init_sparsity", "score": "score",
+                    "schedule": "allocation", "interval_steps": "allocation_interval",
+                    "adaptive_threshold": "adaptive_threshold", "beta1": "allocation_beta1",
+                    "beta2": "allocation_beta2", "warmup": "allocation_warmup", "final": "allocation_final"}
 
 
 def _help(text: str) -> dict:
@@ -35,6 +42,10 @@ class TrainConfig:
     That recipe fine-tunes the project's Fashion-MNIST ViT on mnist5k with SNELLA; the values are
     tuned for that pair on a 2-core CPU (the paper's ViT-B recipe is in SPEC.md section 6).
     """
+
+    # ---------------------------------------------------------------- task
+    task: str = field(default="classification", metadata=_help(
+        "What is learned: a registered task (snella.tasks), e.g. 'classification'."))
 
     # ---------------------------------------------------------------- model
     model: str = field(default="snella-default", metadata=_help(
@@ -77,10 +88,19 @@ class TrainConfig:
         "sparsity), lora (peft), full (every weight), linear (head only)."))
     r: int = field(default=8, metadata=_help("Rank of the kernel factors (snella, snell) or of LoRA."))
     chunks: int = field(default=2, metadata=_help("Kernel chunks P (snella, snell); must divide r."))
+    kernel: Optional[str] = field(default=None, metadata=_help(
+        f"Kernel of snella / snell, one of {KERNELS}; default: the method's (snella: mixed, snell: piecewise)."))
+    chunk_scale: float = field(default=0.1, metadata=_help(
+        "Magnitude of the fixed chunk coefficients c_p = chunk_scale * (-1)^p (snella, snell)."))
+    init_scale: float = field(default=1.0, metadata=_help(
+        "Multiplier on the Kaiming-uniform bound of the kernel factors' init (snella, snell)."))
     sparsity: float = field(default=0.3, metadata=_help(
         "Fraction of each update's entries zeroed: snella's target at the end of the schedule, snell's fixed level."))
     init_sparsity: float = field(default=0.01, metadata=_help(
         "snella: sparsity of every matrix in the first allocation interval (authors: 0.01, almost dense)."))
+    sparsity_pattern: dict[str, float] = field(default_factory=dict, metadata=_help(
+        "Per-matrix sparsity (snell; snella's starting levels): {regex on the matrix name: sparsity}, e.g. "
+        "'{blocks\\.0\\..*: 0.9}'; first full match wins."))
     competition: str = field(default="magnitude", metadata=_help(
         f"Weight-level competition, one of {COMPETITION_MODES}."))
     score: str = field(default="sensitivity", metadata=_help(f"snella's layer score, one of {SCORES}."))
@@ -90,14 +110,31 @@ class TrainConfig:
         "Optimizer steps between allocations for allocation 'steps' / 'adaptive'."))
     adaptive_threshold: float = field(default=0.05, metadata=_help(
         "allocation 'adaptive': reallocate when the layer scores moved this much (total variation)."))
+    allocation_beta1: float = field(default=0.85, metadata=_help(
+        "snella: EMA factor of the sensitivity I_bar (AdaLoRA's value)."))
+    allocation_beta2: float = field(default=0.85, metadata=_help(
+        "snella: EMA factor of the sensitivity's uncertainty U_bar (AdaLoRA's value)."))
+    allocation_warmup: int = field(default=0, metadata=_help(
+        "snella: allocation intervals held at the initial budget (authors: 0)."))
+    allocation_final: int = field(default=0, metadata=_help(
+        "snella: allocation intervals held at the target budget at the end (authors: 0)."))
     target_modules: Optional[list[str]] = field(default=None, metadata=_help(
         "Modules adapted (snella, snell, lora): names or suffixes; default: every linear map of each block."))
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata=_help(
+        "Modules never adapted (snella, snell): names or suffixes, or in YAML one regex string."))
+    split_qkv: bool = field(default=True, metadata=_help(
+        "snella, snell: split a fused qkv projection into q, k, v matrices with their own factors and sparsity."))
     head: Optional[list[str]] = field(default=None, metadata=_help(
         "Classifier module(s) trained in full; default: the model's own classifier (timm: 'head')."))
     train_cls_token: bool = field(default=True, metadata=_help(
         "Train the ViT class token too (snella, snell, lora), as the authors do."))
+    parameters_to_save: Optional[list[str]] = field(default=None, metadata=_help(
+        "More single parameters trained in place and saved with the adapter (snella, snell, lora), e.g. pos_embed."))
     adapter_dropout: float = field(default=0.0, metadata=_help(
         "Dropout on the adapter branch's input (authors: 0.1 at ViT-B scale)."))
+    adapter_dropout_exclude: Optional[Union[list[str], str]] = field(default=DROPOUT_EXCLUDE, metadata=_help(
+        "snella, snell: layers without adapter dropout, names or suffixes (in YAML also one regex string); "
+        "default: the attention output projections, as the authors; none: every layer gets it."))
     adapter_drop_path: float = field(default=0.0, metadata=_help(
         "Drop-path on the adapter branch's output (snella, snell; authors: 0.1 at ViT-B scale)."))
     bn_stats: str = field(default="frozen", metadata=_help(
@@ -141,8 +178,7 @@ class TrainConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
 
         choices = {"method": METHODS, "precision": PRECISIONS, "transform": TRANSFORM_NAMES,
-                   "competition": COMPETITION_MODES, "score": SCORES, "allocation": SCHEDULES,
-                   "train_split": SPLITS, "test_split": SPLITS, "bn_stats": BN_STATS}
+                   "train_split": SPLITS, "test_split": SPLITS, "bn_stats": BN_STATS, "task": task_names()}
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 bad(name, ", ".join(accepted))
@@ -150,12 +186,10 @@ class TrainConfig:
             bad("val_split", ", ".join(SPLITS))
         if self.val_split is not None and self.train_split == "trainval" and self.val_split in ("train", "val"):
             bad("val_split", "a split disjoint from train_split='trainval' (train on 'train' to validate on 'val')")
-        for name in ("r", "chunks", "epochs", "batch_size"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 bad(name, "a positive integer")
-        if self.r % self.chunks:
-            bad("r", f"a multiple of chunks={self.chunks}")
-        for name in ("image_size", "train_limit", "test_limit", "allocation_interval", "debug_nan_step"):
+        for name in ("image_size", "train_limit", "test_limit", "debug_nan_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "a positive integer or null")
         for name in ("warmup_epochs", "num_workers", "random_shift"):
@@ -163,19 +197,8 @@ class TrainConfig:
                 bad(name, "an integer >= 0")
         if self.warmup_epochs > self.epochs:
             bad("warmup_epochs", f"at most epochs={self.epochs}")
-        for name in ("sparsity", "init_sparsity", "adapter_dropout", "adapter_drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(name, "a number in [0, 1)")
-        if self.competition == "none" and (self.sparsity > 0 or self.init_sparsity > 0):
-            bad("competition", "magnitude or soft with sparsity > 0; none (the dense kernel) takes "
-                "sparsity 0 and init_sparsity 0")
-        if self.method == "snella" and self.sparsity > 0 and self.init_sparsity > self.sparsity:
-            bad("init_sparsity", f"at most sparsity={self.sparsity} (the budget only shrinks)")
-        if self.allocation in ("steps", "adaptive") and self.allocation_interval is None:
-            bad("allocation_interval", f"a positive integer, which allocation={self.allocation!r} needs")
-        for name in ("lr", "adaptive_threshold"):
-            if not getattr(self, name) > 0:
-                bad(name, "a number > 0")
+        if not self.lr > 0:
+            bad("lr", "a number > 0")
         for name in ("weight_decay", "warmup_lr", "min_lr", "debug_step_delay"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
@@ -183,6 +206,38 @@ class TrainConfig:
             bad("resume", "true only with output_dir, the folder of the run to continue")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             bad("device", "auto, cpu, cuda or cuda:N")
+        # The adapter's and the allocator's settings are checked by their own configs, once, and named
+        # here as the flags a user gives.
+        _delegate(lambda: self.snella_config("mixed"), {})
+        # Without a budget to share (other methods, sparsity 0) init_sparsity has no target to stay
+        # under; every allocator setting is still checked.
+        target = None if self.uses_allocator else self.init_sparsity
+        _delegate(lambda: self.allocator_config(target), ALLOCATOR_FIELDS)
+
+    # ---------------------------------------------------------------- the configs built from it
+    @property
+    def uses_allocator(self) -> bool:
+        """Whether the run shares a budget between matrices: SNELLA with a sparsity target above 0."""
+        return self.method == "snella" and self.sparsity > 0
+
+    def snella_config(self, kernel: str, modules_to_save: Optional[list[str]] = None,
+                      parameters_to_save: Optional[list[str]] = None) -> SnellaConfig:
+        """The SNELLA / SNELL adapter these settings describe (``kernel``: the method's unless --kernel is given)."""
+        return SnellaConfig(
+            r=self.r, chunks=self.chunks, kernel=self.kernel or kernel, sparsity=self.sparsity,
+            sparsity_pattern=dict(self.sparsity_pattern), competition=self.competition,
+            chunk_scale=self.chunk_scale, target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+            modules_to_save=modules_to_save, parameters_to_save=parameters_to_save, split_qkv=self.split_qkv,
+            adapter_dropout=self.adapter_dropout, adapter_dropout_exclude=self.adapter_dropout_exclude,
+            adapter_drop_path=self.adapter_drop_path, init_scale=self.init_scale)
+
+    def allocator_config(self, target_sparsity: Optional[float] = None) -> AllocatorConfig:
+        """SNELLA's budget allocator these settings describe (field names: ``ALLOCATOR_FIELDS``);
+        ``target_sparsity`` replaces ``sparsity`` as the target."""
+        values = {theirs: getattr(self, mine) for theirs, mine in ALLOCATOR_FIELDS.items()}
+        if target_sparsity is not None:
+            values["target_sparsity"] = target_sparsity
+        return AllocatorConfig(**values)
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +273,16 @@ class TrainConfig:
         """Fields whose values differ, as name -> (self's value, other's value), skipping ``ignore``."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+def _delegate(build, names: dict[str, str]) -> Any:
+    """``build()``, with a SettingError re-worded to TrainConfig's names (``names``: theirs -> ours)."""
+    try:
+        return build()
+    except SettingError as err:
+        ours = lambda name: names.get(name, name)  # noqa: E731
+        accepted = re.sub(r"\b(\w+)=", lambda m: ours(m.group(1)) + "=", err.accepted)
+        raise ValueError(f"{ours(err.name)}={err.value!r} is invalid; accepted: {accepted}") from None
 
 
 def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
@@ -277,10 +342,13 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     YAML 1.1 reads '1e-3' as a string, so numbers given as strings are accepted.
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if origin is Union:  # Optional[X], Optional[Union[list[str], str]]
+        if type(None) in args and _is_none(value):
             return None
-        return coerce(name, value, next(a for a in args if a is not type(None)))
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and str in options:
+            return value  # a YAML string stays one (a regex) where the field takes one
+        return coerce(name, value, options[0])
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -314,6 +382,13 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, "a list of strings" if origin is list else "a mapping" if origin is dict else str(hint))
     raise ValueError(f"{name}={value!r} is invalid; accepted: {expected}")
+
+
+def _is_none(value: Any) -> bool:
+    """None, or 'none' / 'null' as YAML or a flag gives it (a one-item list from a list flag)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    return value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
 
 
 def _fail() -> Any:

@@ -48,12 +48,22 @@ def cls_token_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n == "cls_token" or n.endswith(".cls_token")]
 
 
+def trained_parameters(config: TrainConfig, model: nn.Module) -> Optional[list[str]]:
+    """Single parameters trained in place: the class token (``train_cls_token``) and ``parameters_to_save``."""
+    names = (cls_token_names(model) if config.train_cls_token else []) + list(config.parameters_to_save or [])
+    return names if config.train_cls_token or names else None
+
+
 def _has_module(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
         return True
     except AttributeError:
         return False
+
+
+def _in_full(config: TrainConfig, model: nn.Module, trained_in_full: Optional[list[str]]) -> list[str]:
+    return list(trained_in_full) if trained_in_full is not None else head_modules(model, config.head)
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -75,8 +85,12 @@ class Method:
 
     name = ""
 
-    def apply(self, config: TrainConfig, backbone: nn.Module) -> nn.Module:
-        """Wrap or freeze ``backbone`` so that exactly this method's parameters have requires_grad."""
+    def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
+        """Wrap or freeze ``backbone`` so that exactly this method's parameters have requires_grad.
+
+        ``trained_in_full``: the task's modules that train in full (heads, decoders); None: the
+        classifier ``head_modules`` finds.
+        """
         raise NotImplementedError
 
     def save(self, model: nn.Module, directory: Path) -> None:
@@ -106,16 +120,13 @@ class SnellaMethod(Method):
     def __init__(self, name: str, kernel: str):
         self.name, self.kernel = name, kernel
 
-    def adapter_config(self, config: TrainConfig, backbone: nn.Module) -> SnellaConfig:
-        return SnellaConfig(
-            r=config.r, chunks=config.chunks, kernel=self.kernel, sparsity=config.sparsity,
-            competition=config.competition, target_modules=config.target_modules,
-            modules_to_save=head_modules(backbone, config.head),
-            parameters_to_save=cls_token_names(backbone) if config.train_cls_token else None,
-            adapter_dropout=config.adapter_dropout, adapter_drop_path=config.adapter_drop_path)
+    def adapter_config(self, config: TrainConfig, backbone: nn.Module,
+                       trained_in_full: Optional[list[str]] = None) -> SnellaConfig:
+        return config.snella_config(self.kernel, _in_full(config, backbone, trained_in_full),
+                                    trained_parameters(config, backbone))
 
-    def apply(self, config: TrainConfig, backbone: nn.Module) -> nn.Module:
-        return get_snella_model(backbone, self.adapter_config(config, backbone))
+    def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
+        return get_snella_model(backbone, self.adapter_config(config, backbone, trained_in_full))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
@@ -138,12 +149,12 @@ class LoraMethod(Method):
 
     name = "lora"
 
-    def apply(self, config: TrainConfig, backbone: nn.Module) -> nn.Module:
+    def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        targets = resolve_targets(backbone, config.target_modules)
-        heads = head_modules(backbone, config.head)
-        tokens = cls_token_names(backbone) if config.train_cls_token else []
+        targets = resolve_targets(backbone, config.target_modules, config.exclude_modules)
+        heads = _in_full(config, backbone, trained_in_full)
+        tokens = trained_parameters(config, backbone) or []
         lora = LoraConfig(r=config.r, lora_alpha=config.r, target_modules=targets, modules_to_save=heads,
                           lora_dropout=config.adapter_dropout)
         model = get_peft_model(backbone, lora)
@@ -181,7 +192,7 @@ class FullMethod(Method):
 
     name = "full"
 
-    def apply(self, config: TrainConfig, backbone: nn.Module) -> nn.Module:
+    def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
         backbone.requires_grad_(True)
         return backbone
 
@@ -198,9 +209,9 @@ class LinearMethod(Method):
 
     name = "linear"
 
-    def apply(self, config: TrainConfig, backbone: nn.Module) -> nn.Module:
+    def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
         backbone.requires_grad_(False)
-        for name in head_modules(backbone, config.head):
+        for name in _in_full(config, backbone, trained_in_full):
             backbone.get_submodule(name).requires_grad_(True)
         return backbone
 

@@ -1,4 +1,4 @@
-"""What a run reports: peak memory, the final summary printed for a person, and the plots."""
+"""What a run reports: peak memory and the final summary printed for a person."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import torch
 
-from snella.plots import plot_allocation, plot_curves
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -75,13 +74,12 @@ def human_seconds(seconds: float) -> str:
     return f"{int(minutes)}m{secs:04.1f}s" if minutes else f"{secs:.1f}s"
 
 
-def summary(metrics: dict[str, Any]) -> str:
-    """The lines printed at the end of a run."""
+def summary(metrics: dict[str, Any], result_lines: list[str]) -> str:
+    """The lines printed at the end of a run; ``result_lines``: the task's (its test metrics), after the first."""
     total = metrics.get("total_params") or 1
     lines = [
         f"snella finetune: {metrics['method']} on {metrics['data']} done in {human_seconds(metrics['wall_seconds'])}",
-        f"  test accuracy     {100 * metrics['test_accuracy']:.2f}%  ({metrics['test_split']} split, "
-        f"{metrics['test_images']} images)",
+        *result_lines,
         f"  trainable params  {metrics['trainable_params']:,} ({100 * metrics['trainable_params'] / total:.2f}% "
         f"of {metrics['total_params']:,})",
         f"  adapter size      {human_bytes(metrics['adapter_bytes'])} on disk",
@@ -96,15 +94,6 @@ def summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_summary(metrics: dict[str, Any]) -> None:
-    """Print ``summary(metrics)`` to stdout."""
-    print(summary(metrics), file=sys.stdout, flush=True)
-
-
-def write_plots(output_dir: Path, history: list[dict[str, Any]], allocation: Optional[list[dict[str, Any]]],
-                curves_name: str, allocation_name: str) -> list[Path]:
-    """curves.png from the per-epoch history and, when there is one, allocation.png from the allocator's."""
-    written = [plot_curves(history, output_dir / curves_name)] if history else []
-    if allocation:
-        written.append(plot_allocation(allocation, output_dir / allocation_name))
-    return written
+def print_summary(metrics: dict[str, Any], result_lines: list[str]) -> None:
+    """Print ``summary(metrics, result_lines)`` to stdout."""
+    print(summary(metrics, result_lines), file=sys.stdout, flush=True)

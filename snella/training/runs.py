@@ -1,4 +1,4 @@
-"""Reopening a finished run: its config, classes and input transform, and the tuned model rebuilt from its adapter."""
+"""Reopening a finished run: its config, task, classes and input transform, and the tuned model rebuilt from its adapter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from snella.backbones import create_backbone
+from snella.tasks.base import Task, get_task
 from snella.training.config import TrainConfig
 from snella.training.data import InputSpec
 from snella.training.distributed import pick_device
@@ -25,10 +26,12 @@ class Run:
     directory: Path
     config: TrainConfig
     classes: list[str]
-    spec: InputSpec
+    spec: Optional[InputSpec]
     method: Method
     model: nn.Module
     device: torch.device
+    task: Optional[Task] = None
+    info: Optional[dict] = None  # run.json as written by the loop
 
 
 def load_run(directory: str | Path, device: str = "auto") -> Run:
@@ -53,15 +56,16 @@ def load_run(directory: str | Path, device: str = "auto") -> Run:
     if not adapter.is_dir():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_DIR}/: the run did not finish (resume it with "
                                 f"snella finetune --output-dir {directory} --resume)")
-    classes = list(info["classes"])
+    task = get_task(config.task)
     torch.manual_seed(config.seed)  # as in training: a backbone without weights gets the same random init
-    backbone = build_backbone(config, len(classes))
+    backbone = task.build_model(config, info)
     method = get_method(config.method)
     model = method.load(config, backbone, adapter)
     load_batchnorm_stats(model, adapter)  # statistics a bn_stats='update' run re-estimated
     target = pick_device(device)
     model = model.to(target).eval()
-    return Run(directory, config, classes, InputSpec.from_dict(info["input"]), method, model, target)
+    spec = InputSpec.from_dict(info["input"]) if "input" in info else None
+    return Run(directory, config, list(info.get("classes", [])), spec, method, model, target, task, info)
 
 
 def build_backbone(config: TrainConfig, num_classes: int) -> nn.Module:
