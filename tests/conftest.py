@@ -14,6 +14,7 @@ from torch import nn
 
 # tests/spec_reference.py (independent transcriptions of SPEC.md) is imported by name from the tests.
 sys.path.insert(0, str(Path(__file__).parent))
+from support import missing  # noqa: E402  (tests/ on sys.path first)
 
 # Without a GPU, the Triton passes (snella/gpu/) run through triton's interpreter (tests/test_triton.py).
 # Triton reads the switch when a kernel is defined, so it is set here, before any test module is imported.
@@ -115,18 +116,6 @@ def snapshot() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
         return {n: p.detach().clone() for n, p in module.named_parameters()}
 
     return take
-
-
-def in_ci() -> bool:
-    """Whether the tests run in CI (CI=true there): what a newcomer's machine lacks must fail, not skip."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def missing(message: str) -> None:
-    """Skip the test for data this machine lacks; in CI, fail it with ``message`` (which says how to install it)."""
-    if in_ci():
-        pytest.fail(f"{message}\nIn CI this is a failure, not a skip: scripts/setup.sh installs it.", pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import spec_reference as ref
-from conftest import missing
+from support import missing
 from snella import functional as Fn
 from snella import gpu, kernel_vjp
 
 if not gpu.triton_importable():
-    missing("triton is not installed (torch's Linux wheels bring it); the Triton passes cannot be tested")
+    missing("triton is not installed (torch's Linux wheels bring it); the Triton passes cannot be tested",
+            module_level=True)
 
 from snella.gpu import kernel as tk  # noqa: E402  (after the check above)
 from snella.gpu.select import kth_abs  # noqa: E402
