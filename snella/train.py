@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -24,6 +25,7 @@ from snella.training.config import TrainConfig
 from snella.training.data import augment_generator, batches, epoch_order, num_batches, shard
 from snella.training.evaluation import autocast
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
+from snella.training.ema import ParameterEMA
 from snella.training.norm import save_batchnorm_stats, set_train_mode
 from snella.training.optim import build_optimizer, build_scheduler, update_step
 from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, METRICS_FILE, RUN_FILE, CONFIG_FILE,
@@ -93,6 +95,7 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     scheduler = build_scheduler(optimizer, total_steps, config.warmup_epochs * steps_per_epoch, config.lr,
                                 config.warmup_lr, config.min_lr)
     allocator = _allocator(config, method, model, total_steps, steps_per_epoch)
+    ema = ParameterEMA(model, config.ema_decay) if config.ema_decay is not None else None
 
     # ---- a fresh run writes its config; a resumed one restores every piece of state
     history: list[dict[str, Any]] = []
@@ -105,6 +108,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
         scheduler.load_state_dict(state["scheduler"])
         if allocator is not None:
             allocator.load_state_dict(state["allocator"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"], str(checkpoint_path(out)))
         set_rng_state(rank_rng_state(state["rng"], ctx.rank, ctx.world_size, out))
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
     elif ctx.is_main:
@@ -155,6 +160,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
                 raise NonFiniteLossError(_non_finite_message(mean_loss, epoch, step, config, out, history))
             # backward, update; the allocator reads |theta * grad| after the step, before the grads go
             step = update_step(result.loss, optimizer, scheduler, allocator, step)
+            if ema is not None:
+                ema.update(model)
             totals = stats if totals is None else totals + stats
             step_bar.update()
             step_bar.set_postfix(**{n: f"{totals[i] / totals[-1]:.3f}" for i, n in enumerate(names)},
@@ -168,7 +175,9 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
                   **{f"train_{n}": float(totals[i] / totals[-1]) for i, n in enumerate(names)},
                   "density": density, "seconds": time.perf_counter() - epoch_start}
         if val_set is not None:
-            record.update(task.val_record(task.evaluate(model, val_set, rank_batch, device, config.precision, ctx)))
+            with ema.swapped_in(model) if ema is not None else contextlib.nullcontext():  # what test will score
+                record.update(task.val_record(task.evaluate(model, val_set, rank_batch, device, config.precision,
+                                                            ctx)))
         history.append(record)
         rngs = distrib.gather_objects(ctx, rng_state())  # every rank's generators: resume stays exact
         if ctx.is_main:
@@ -176,7 +185,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
                 "config": config.to_dict(), "epoch": epoch + 1, "step": step, "history": history,
                 "model": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs})
+                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs,
+                "ema": ema.state_dict() if ema is not None else None})
         distrib.barrier(ctx)
         epoch_bar.update()
         if ctx.is_main:
@@ -185,6 +195,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     peak_mb = meter.peak_mb()
 
     # ---- test, check that the ranks agree, write the outputs
+    if ema is not None:  # the average is the result: tested, saved and merged
+        ema.copy_to(model)
     test = task.evaluate(model, test_set, rank_batch, device, config.precision, ctx)
     sparsities = {m.name: float(m.get_sparsity()) for m in method.matrices(model)}
     ranks = distrib.gather_objects(ctx, {"sparsities": sparsities, "checksum": _checksum(model)})

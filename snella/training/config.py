@@ -152,6 +152,9 @@ class TrainConfig:
     warmup_epochs: int = field(default=1, metadata=_help("Epochs of linear warm-up from warmup_lr to lr."))
     warmup_lr: float = field(default=1e-6, metadata=_help("Learning rate at the first step."))
     min_lr: float = field(default=1e-5, metadata=_help("Floor of the cosine decay."))
+    ema_decay: Optional[float] = field(default=None, metadata=_help(
+        "Keep an EMA of the trainable parameters with this decay (e.g. 0.999; warmed up as TensorFlow's "
+        "num_updates) and validate, test and save it instead of the last step's; none by default."))
 
     # ---------------------------------------------------------------- run
     seed: int = field(default=0, metadata=_help("Seed of the adapter init and of every epoch's sample order."))
@@ -199,6 +202,8 @@ class TrainConfig:
             bad("warmup_epochs", f"at most epochs={self.epochs}")
         if not self.lr > 0:
             bad("lr", "a number > 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            bad("ema_decay", "a number in (0, 1), e.g. 0.999, or null for no EMA")
         for name in ("weight_decay", "warmup_lr", "min_lr", "debug_step_delay"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")

@@ -66,3 +66,52 @@ def test_state_round_trip_and_refusals():
         ParameterEMA(nn.Linear(2, 2), 0.9).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match=r"ema_decay=1\.0.*\(0, 1\)"):
         ParameterEMA(net, 1.0)
+
+
+# ---------------------------------------------------------------- in `snella finetune`
+
+TINY = dict(model="vit_fmnist_d128", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, data="mnist5k",
+            train_limit=96, test_limit=64, epochs=2, batch_size=32, warmup_epochs=1, sparsity=0.5, lr=1e-2,
+            progress=False)
+
+
+def _run(tmp_path, name, **overrides):
+    import contextlib
+    import io
+
+    from snella.train import finetune
+    from snella.training.config import TrainConfig
+
+    out = tmp_path / name
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = finetune(TrainConfig(**{**TINY, "output_dir": str(out), **overrides}))
+    return metrics, out
+
+
+def test_finetune_tests_and_saves_the_average(tmp_path):
+    from safetensors.torch import load_file
+
+    from snella.training.checkpoint import load_checkpoint
+    from snella.training.tools import evaluate
+
+    plain, plain_out = _run(tmp_path, "plain")
+    forget, forget_out = _run(tmp_path, "forget", ema_decay=1e-9)  # an average that forgets at once
+    slow, slow_out = _run(tmp_path, "slow", ema_decay=0.9)
+    # the EMA never changes the training: same losses; forgetting at once is the last step's weights
+    assert [r["train_loss"] for r in slow["history"]] == [r["train_loss"] for r in plain["history"]]
+    a, b = load_file(str(plain_out / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(forget_out / "adapter" / "adapter_model.safetensors"))
+    c = load_file(str(slow_out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a if a[k].is_floating_point())
+    # what was tested is what was saved
+    assert evaluate(str(slow_out), limit=64)["accuracy"] == pytest.approx(slow["test_accuracy"], abs=1e-9)
+    state = load_checkpoint(slow_out)
+    assert state["ema"]["updates"] == slow["steps"] and state["ema"]["decay"] == 0.9
+
+
+def test_a_bad_decay_names_the_setting():
+    from snella.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"ema_decay=1\.5 is invalid; accepted: a number in \(0, 1\)"):
+        TrainConfig(ema_decay=1.5)
