@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from snella import __version__
-from snella.training.config import RUN_ONLY, TrainConfig, read_yaml
+from snella.training.config import RUN_ONLY, TrainConfig, read_yaml, task_defaults
 from snella.training.outputs import CONFIG_FILE
 
 EXIT_BAD_INPUT = 2
@@ -72,8 +72,8 @@ def merge(run: str, output: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- arguments of each subcommand
 
 # First field of each argument group of `snella finetune --help`.
-_GROUPS = {"task": "task", "model": "model", "data": "data", "method": "method", "epochs": "optimisation", "seed": "run",
-           "debug_step_delay": "testing hooks"}
+_GROUPS = {"task": "task", "model": "model", "data": "data", "method": "method", "decoder": "segmentation",
+           "epochs": "optimisation", "seed": "run", "debug_step_delay": "testing hooks"}
 
 
 def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +101,7 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Dataclass defaults < a resumed run's saved config < the --config YAML < flags."""
+    """Dataclass defaults < the task's defaults < a resumed run's saved config < the --config YAML < flags."""
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     settings: dict[str, Any] = {}
     source = "command line"
@@ -112,7 +112,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         settings.update(read_yaml(args.config))
         source = f"{args.config} + command line"
-    return TrainConfig.from_dict({**settings, **flags}, source=source)
+    task = flags.get("task", settings.get("task", "classification"))
+    try:
+        defaults = task_defaults(task)
+    except ValueError:
+        defaults = {}  # an unknown task: TrainConfig names it and the tasks accepted
+    return TrainConfig.from_dict({**defaults, **settings, **flags}, source=source)
 
 
 def _add_run_argument(parser: argparse.ArgumentParser) -> None:
