@@ -37,7 +37,7 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
 
 def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
              precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split).
+    """Accuracy (segmentation: mIoU, mDice, pixel accuracy) of a finished run on a split (default: its data, test).
 
     Images go through the run's eval transform; with transform 'none' (the default run's), images of
     another size than the model's input are first resized to it (bicubic), as `snella predict` does.
@@ -49,7 +49,10 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
             device: str = "auto") -> list[dict[str, Any]]:
-    """Top-k labels, with probabilities, of image files or folders of images.
+    """Top-k labels, with probabilities, of image files or folders of images (segmentation runs: mask PNGs).
+
+    A segmentation run writes one mask per image to <run>/predictions/<image stem>.png, at the image's own
+    size (class indices; binary masks as 0/255); --top-k does not apply there.
 
     Any image is brought to the run's input as the run's eval transform (saved in its run.json) does:
     converted to the run's channels (grey copied to RGB, RGB to grey luma, an alpha channel dropped),
@@ -185,8 +188,10 @@ def cli_wording(message: str) -> str:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate(args.run, args.data, args.split, args.batch_size, args.precision, args.device, args.limit)
-    line = (f"accuracy {100 * result['accuracy']:.2f}% on {result['data']} [{result['split']}], "
-            f"{result['images']} images")
+    scores = (f"accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else  # segmentation:
+              f"mIoU {100 * result['miou']:.2f}%, mDice {100 * result['mdice']:.2f}%, pixel accuracy "
+              f"{100 * result['pixel_accuracy']:.2f}%")
+    line = f"{scores} on {result['data']} [{result['split']}], {result['images']} images"
     print(json.dumps(result) if args.json else line)
 
 
@@ -196,6 +201,10 @@ def _run_predict(args: argparse.Namespace) -> None:
         print(json.dumps(results))
         return
     for item in results:
+        if "mask" in item:  # segmentation: the mask file written and the share of each class in it
+            shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in item["fractions"].items())
+            print(f"{item['file']}: mask {item['mask']} ({shares})")
+            continue
         print(f"{item['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in item["top"]))
 
 
