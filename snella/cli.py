@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from snella import __version__
-from snella.training.config import RUN_ONLY, TrainConfig, read_yaml
+from snella.training.config import RUN_ONLY, TrainConfig, read_yaml, task_defaults
 from snella.training.outputs import CONFIG_FILE
 
 EXIT_BAD_INPUT = 2
@@ -37,7 +37,7 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
 
 def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_size: int = 256,
              precision: str = "fp32", device: str = "auto", limit: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy of a finished run's adapter on a dataset split (default: the run's own data, test split).
+    """Accuracy (segmentation: mIoU, mDice, pixel accuracy) of a finished run on a split (default: its data, test).
 
     Images go through the run's eval transform; with transform 'none' (the default run's), images of
     another size than the model's input are first resized to it (bicubic), as `snella predict` does.
@@ -49,7 +49,10 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
             device: str = "auto") -> list[dict[str, Any]]:
-    """Top-k labels, with probabilities, of image files or folders of images.
+    """Top-k labels, with probabilities, of image files or folders of images (segmentation runs: mask PNGs).
+
+    A segmentation run writes one mask per image to <run>/predictions/<image stem>.png, at the image's own
+    size (class indices; binary masks as 0/255); --top-k does not apply there.
 
     Any image is brought to the run's input as the run's eval transform (saved in its run.json) does:
     converted to the run's channels (grey copied to RGB, RGB to grey luma, an alpha channel dropped),
@@ -72,8 +75,8 @@ def merge(run: str, output: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- arguments of each subcommand
 
 # First field of each argument group of `snella finetune --help`.
-_GROUPS = {"task": "task", "model": "model", "data": "data", "method": "method", "epochs": "optimisation", "seed": "run",
-           "debug_step_delay": "testing hooks"}
+_GROUPS = {"task": "task", "model": "model", "data": "data", "method": "method", "decoder": "segmentation",
+           "epochs": "optimisation", "seed": "run", "debug_step_delay": "testing hooks"}
 
 
 def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +104,7 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Dataclass defaults < a resumed run's saved config < the --config YAML < flags."""
+    """Dataclass defaults < the task's defaults < a resumed run's saved config < the --config YAML < flags."""
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     settings: dict[str, Any] = {}
     source = "command line"
@@ -112,7 +115,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         settings.update(read_yaml(args.config))
         source = f"{args.config} + command line"
-    return TrainConfig.from_dict({**settings, **flags}, source=source)
+    task = flags.get("task", settings.get("task", "classification"))
+    try:
+        defaults = task_defaults(task)
+    except ValueError:
+        defaults = {}  # an unknown task: TrainConfig names it and the tasks accepted
+    return TrainConfig.from_dict({**defaults, **settings, **flags}, source=source)
 
 
 def _add_run_argument(parser: argparse.ArgumentParser) -> None:
@@ -180,8 +188,10 @@ def cli_wording(message: str) -> str:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate(args.run, args.data, args.split, args.batch_size, args.precision, args.device, args.limit)
-    line = (f"accuracy {100 * result['accuracy']:.2f}% on {result['data']} [{result['split']}], "
-            f"{result['images']} images")
+    scores = (f"accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else  # segmentation:
+              f"mIoU {100 * result['miou']:.2f}%, mDice {100 * result['mdice']:.2f}%, pixel accuracy "
+              f"{100 * result['pixel_accuracy']:.2f}%")
+    line = f"{scores} on {result['data']} [{result['split']}], {result['images']} images"
     print(json.dumps(result) if args.json else line)
 
 
@@ -191,6 +201,10 @@ def _run_predict(args: argparse.Namespace) -> None:
         print(json.dumps(results))
         return
     for item in results:
+        if "mask" in item:  # segmentation: the mask file written and the share of each class in it
+            shares = ", ".join(f"{c} {100 * f:.1f}%" for c, f in item["fractions"].items())
+            print(f"{item['file']}: mask {item['mask']} ({shares})")
+            continue
         print(f"{item['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in item["top"]))
 
 

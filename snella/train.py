@@ -26,7 +26,8 @@ from snella.training.data import augment_generator, batches, epoch_order, num_ba
 from snella.training.evaluation import autocast
 from snella.training.methods import Method, get_method, load_trainable_state, trainable_state
 from snella.training.ema import ParameterEMA
-from snella.training.norm import save_batchnorm_stats, set_train_mode
+from snella.training.norm import (mark_trained_in_full, save_batchnorm_stats, set_train_mode,
+                                  trained_in_full_batchnorms)
 from snella.training.optim import build_optimizer, build_scheduler, update_step
 from snella.training.outputs import (ADAPTER_DIR, ALLOCATION_PLOT, METRICS_FILE, RUN_FILE, CONFIG_FILE,
                                      check_output_dir, clear_run, default_output_dir, folder_bytes, write_json)
@@ -82,7 +83,9 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     # ---- the method: which parameters train
     method = get_method(config.method)
     torch.manual_seed(config.seed)  # the adapter's init
-    model = method.apply(config, backbone, task.trained_in_full(config, backbone)).to(device)
+    in_full = task.trained_in_full(config, backbone)
+    mark_trained_in_full(backbone, in_full)  # a new decoder's BatchNorms estimate their statistics
+    model = method.apply(config, backbone, in_full).to(device)
     adapted = method.targets_summary(model)  # which modules were adapted, one line
     if ctx.is_main and adapted:
         print(adapted, flush=True)
@@ -203,7 +206,8 @@ def _finetune(config: TrainConfig, ctx: distrib.DistContext, wall_start: float) 
     metrics: Optional[dict[str, Any]] = None
     if ctx.is_main:
         method.save(model, out / ADAPTER_DIR)
-        if config.bn_stats == "update":  # the adapter alone would bring back the pretrained statistics
+        # the adapter alone would bring back the pretrained statistics (and a new decoder's init ones)
+        if config.bn_stats == "update" or trained_in_full_batchnorms(model):
             save_batchnorm_stats(model, out / ADAPTER_DIR)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         metrics = {

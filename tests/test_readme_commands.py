@@ -21,6 +21,10 @@ How each README command is tested (``plan``); a command that fits no row fails `
   snella merge                          on the fast default run, output in tmp; the file's mode, and the merged
                                         file loaded without snella by its JSON's own "load" line gives the run's
                                         logits
+  snella finetune --task segmentation   run as written + FAST_SEGMENTATION (1 epoch, 64 train / 32 test composites);
+  (no user files)                       its summary's lines must be the README's segmentation summary's
+  snella evaluate/predict/merge --run   parsed, not run: tests/tasks/test_segmentation.py runs them on a tiny
+  runs/seg-...                          segmentation run and checks their results
   snella bench accuracy                 run as written + FAST_ACCURACY (--quick, ViT, linear, 1 epoch, 32/16/32
                                         images: digits and Fashion-MNIST rotation)
   snella bench memory / speed           parsed and validated (timm model names, harness methods), not run: every
@@ -54,6 +58,8 @@ from snella import cli
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 FAST_FINETUNE = ["--epochs", "1", "--train-limit", "256", "--test-limit", "200", "--no-progress"]
+FAST_SEGMENTATION = ["--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--no-progress"]
+SEGMENTATION_RUNS = "runs/seg-"  # README runs of the segmentation task are named so
 FAST_ACCURACY = ["--quick", "--backbones", "vit", "--methods", "linear", "--epochs", "1", "--seeds", "0",
                  "--workers", "1", "--train-size", "32", "--val-size", "16", "--test-size", "32"]
 
@@ -147,6 +153,10 @@ def plan(command: Command) -> Plan:
         return Plan("run", args + FAST_ACCURACY)
     if args[0] == "finetune" and (files or "--pretrained" in args):
         return Plan("parse", args, f"needs the user's files {files or ['a download']}")
+    if args[0] == "finetune" and "segmentation" in args:
+        return Plan("run", args + FAST_SEGMENTATION, "segmentation")
+    if args[0] in ("evaluate", "predict", "merge") and any(a.startswith(SEGMENTATION_RUNS) for a in args):
+        return Plan("parse", args, "a segmentation run: tests/tasks/test_segmentation.py runs these")
     if args[0] == "finetune":
         return Plan("run", args + FAST_FINETUNE)
     if args[0] in ("evaluate", "predict", "merge"):
@@ -234,6 +244,8 @@ def test_readme_command(command: Command, request, tmp_path: Path, capsys):
         check_parses(how.argv)
     elif how.how == "cpu_passes":
         check_cpu_passes(how.argv, capsys)
+    elif how.argv[0] == "finetune" and how.why == "segmentation":
+        check_segmentation_run(how.argv, tmp_path, capsys)
     elif how.argv[0] == "finetune":
         check_default_run(*request.getfixturevalue("default_run"))
     elif how.argv[0] == "evaluate":
@@ -274,7 +286,9 @@ def check_test_script() -> None:
 
 def check_parses(args: list[str]) -> None:
     namespace = parsed(args)  # SystemExit (exit 2 with argparse's message) on a bad flag or value
-    if args[0] == "finetune":
+    if args[0] in ("evaluate", "predict", "merge"):
+        assert Path(namespace.run).name.startswith("seg-")  # the segmentation run the README trains
+    elif args[0] == "finetune":
         config = cli.config_from_args(namespace)  # every value validated, the --config YAML read
         assert config.data and config.model
     else:  # bench memory / speed
@@ -296,6 +310,20 @@ def check_default_run(run: Path, printed: str) -> None:
     for label in ("trainable params", "adapter size", "update density"):  # what one epoch does not change
         assert next(l for l in mine if label in l) == next(l for l in summary if label in l)
     assert json.loads((run / "metrics.json").read_text())["test_images"] == 200
+
+
+def check_segmentation_run(args: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "seg"
+    assert cli.main([*args, "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    readme = README.read_text()
+    summary = readme[readme.index("snella finetune: snella on fmnist-composites done in"):]
+    summary = summary[:summary.index("```")].splitlines()
+    mine = printed[printed.index("snella finetune: "):].splitlines()
+    assert [line[:20] for line in mine] == [line[:20] for line in summary]
+    for label in ("trainable params", "adapter size"):  # what one epoch does not change
+        assert next(l for l in mine if label in l) == next(l for l in summary if label in l)
+    assert (out / "overlays.png").is_file() and json.loads((out / "metrics.json").read_text())["test_images"] == 32
 
 
 def check_evaluate(args: list[str], run: Path, tmp_path: Path, capsys) -> None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the loop's modules import this one, so these are for type h
 
 # Where the built-in tasks live; importing a module registers its task (the @register_task decorator).
 # Listed by module so that the names are known (TrainConfig validates --task) before any is imported.
-BUILTIN_TASKS = {"classification": "snella.tasks.classification"}
+BUILTIN_TASKS = {"classification": "snella.tasks.classification", "segmentation": "snella.tasks.segmentation"}
 TASKS: dict[str, type["Task"]] = {}
 
 
@@ -75,6 +75,9 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    # Settings whose TrainConfig default does not suit this task (its embedded data, epochs, ...): the CLI and
+    # ``TrainConfig.for_task`` start from the dataclass defaults updated with these, before YAML and flags.
+    defaults: ClassVar[dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- model and data
     def load_train(self, config: TrainConfig) -> Any:

@@ -18,6 +18,12 @@ from snella.functional import COMPETITION_MODES, KERNELS
 from snella.tasks.base import task_names
 from snella.training.norm import BN_STATS
 
+# Settings only the segmentation task reads, with their defaults: another task refuses other values.
+SEGMENTATION_FIELDS = {"decoder": None, "ignore_index": 255, "dice_weight": None, "num_classes": None,
+                       "classes_file": None, "image_column": None, "mask_column": None}
+SEGMENTATION_DECODERS = ("fpn", "unet", "deeplabv3plus", "vit-pup")  # snella.segmentation.models, checked there
+PAIRED_TRANSFORMS = ("flip-crop", "resize", "none")  # snella.segmentation.transforms: image and mask together
+
 METHODS = ("snella", "snell", "lora", "full", "linear")
 PRECISIONS = ("fp32", "bf16")
 # Settings that change how a run is carried out, not what it computes: a resumed run may change them.
@@ -140,7 +146,28 @@ class TrainConfig:
     bn_stats: str = field(default="frozen", metadata=_help(
         f"BatchNorm running statistics while training, one of {BN_STATS}: 'frozen' keeps the pretrained "
         "ones (BN in eval mode; its weight and bias still train under 'full'), 'update' re-estimates them "
-        "from the task's batches (torch's train mode). No effect on models without BatchNorm."))
+        "from the task's batches (torch's train mode). No effect on models without BatchNorm. BatchNorms "
+        "inside the modules trained in full (a new segmentation decoder) always update theirs."))
+
+    # ---------------------------------------------------------------- segmentation (task 'segmentation' only)
+    decoder: Optional[str] = field(default=None, metadata=_help(
+        f"Segmentation decoder, one of {SEGMENTATION_DECODERS}: 'vit-pup' (plain ViTs, their default), "
+        "smp's 'fpn' (default for other timm encoders), 'unet', 'deeplabv3plus'; hf: models bring their own."))
+    ignore_index: int = field(default=255, metadata=_help(
+        "Segmentation: mask label of pixels that count for neither loss nor metrics (label maps of seg:/hf: data)."))
+    dice_weight: Optional[float] = field(default=None, metadata=_help(
+        "Segmentation: weight of the Dice term added to the loss; default: 1 for binary masks (BCE + Dice), "
+        "0 for multi-class (cross-entropy)."))
+    num_classes: Optional[int] = field(default=None, metadata=_help(
+        "Segmentation, seg:/hf: data: classes of a multi-class label map (background included) when no class-name "
+        "file names them; without it or classes_file masks are binary (0/1 or 0/255)."))
+    classes_file: Optional[str] = field(default=None, metadata=_help(
+        "Segmentation, seg:/hf: data: class names, one per line (line k names label k); seg: folders default to "
+        "<folder>/classes.txt when it exists."))
+    image_column: Optional[str] = field(default=None, metadata=_help(
+        "Segmentation, hf: data: the image column; default: found by name (image, img, pixel_values)."))
+    mask_column: Optional[str] = field(default=None, metadata=_help(
+        "Segmentation, hf: data: the mask column; default: found by name (mask, label, annotation, ...)."))
 
     # ---------------------------------------------------------------- optimisation
     epochs: int = field(default=15, metadata=_help("Training epochs."))
@@ -180,7 +207,9 @@ class TrainConfig:
         def bad(name: str, accepted: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
 
-        choices = {"method": METHODS, "precision": PRECISIONS, "transform": TRANSFORM_NAMES,
+        segmentation = self.task == "segmentation"
+        choices = {"method": METHODS, "precision": PRECISIONS,
+                   "transform": PAIRED_TRANSFORMS if segmentation else TRANSFORM_NAMES,
                    "train_split": SPLITS, "test_split": SPLITS, "bn_stats": BN_STATS, "task": task_names()}
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
@@ -207,6 +236,7 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_lr", "min_lr", "debug_step_delay"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
+        self._check_task_settings(bad)
         if self.resume and self.output_dir is None:
             bad("resume", "true only with output_dir, the folder of the run to continue")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -218,6 +248,37 @@ class TrainConfig:
         # under; every allocator setting is still checked.
         target = None if self.uses_allocator else self.init_sparsity
         _delegate(lambda: self.allocator_config(target), ALLOCATOR_FIELDS)
+
+    def _check_task_settings(self, bad) -> None:
+        """Each task's own settings: checked for it, refused for another task (never silently ignored)."""
+        if self.task != "segmentation":
+            for name, default in SEGMENTATION_FIELDS.items():
+                if getattr(self, name) != default:
+                    bad(name, f"the default {default!r}: it is a segmentation setting (--task segmentation), "
+                              f"task={self.task!r} does not read it")
+            return
+        if self.decoder is not None and self.decoder not in SEGMENTATION_DECODERS:
+            bad("decoder", ", ".join(SEGMENTATION_DECODERS) + " or null (the model's default)")
+        if self.ignore_index < 0:
+            bad("ignore_index", "an integer >= 0 outside the class labels (255 by default)")
+        if self.dice_weight is not None and self.dice_weight < 0:
+            bad("dice_weight", "a number >= 0 or null (1 for binary masks, 0 for multi-class)")
+        if self.num_classes is not None and self.num_classes < 2:
+            bad("num_classes", "an integer >= 2 (background included) or null")
+        # classification's settings: segmentation augments with --transform flip-crop and names no head
+        if self.random_shift:
+            bad("random_shift", "0 for task='segmentation' (it augments with --transform flip-crop; "
+                                "TrainConfig.for_task('segmentation') starts from the task's defaults)")
+        if self.head is not None:
+            bad("head", "null for task='segmentation' (the decoder trains in full; choose it with --decoder)")
+        if self.skip_bad_images:
+            bad("skip_bad_images", "false for task='segmentation' (a bad image or mask stops the run, named)")
+
+    @classmethod
+    def for_task(cls, task: str, **settings: Any) -> "TrainConfig":
+        """A config of ``task``: the dataclass defaults, then the task's own defaults (``Task.defaults``: its
+        embedded data set, epochs...), then ``settings``."""
+        return cls.from_dict({"task": task, **task_defaults(task), **settings}, source=f"task {task!r}")
 
     # ---------------------------------------------------------------- the configs built from it
     @property
@@ -398,6 +459,14 @@ def _is_none(value: Any) -> bool:
 
 def _fail() -> Any:
     raise TypeError
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The settings ``task`` changes from the dataclass defaults (its ``Task.defaults``); a ValueError for an
+    unknown task."""
+    from snella.tasks.base import get_task
+
+    return dict(type(get_task(task)).defaults)
 
 
 def field_defaults() -> dict[str, Any]:

@@ -5,6 +5,13 @@ its running mean and variance with the task's. On small transfer tasks that re-e
 adapter, moved EfficientNet-Lite0's features by 50-170% and cost every method 10-40 points of val
 accuracy (docs/convnet-diagnosis.md); detection and segmentation toolkits keep backbone BN in eval
 mode for the same reason (mmcv's ``norm_eval``). Models without BatchNorm (ViTs) are not affected.
+
+The rule covers the pretrained part only. A BatchNorm inside a module that trains in full and was newly
+initialised (a segmentation decoder: smp's UNet and DeepLabV3+ heads have BatchNorms) has nothing to keep:
+its running statistics are the init's mean 0 / variance 1, and normalising the decoder's activations with them
+in eval mode would be wrong from the first step to the last. ``mark_trained_in_full`` tags those BatchNorms
+(before a method wraps or copies the model: the tag is an attribute, so peft's copies keep it) and
+``set_train_mode`` always leaves them in train mode, so they estimate their statistics from the task.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 BN_STATS = ("frozen", "update")
+TRAINED_IN_FULL_TAG = "snella_trained_in_full"  # attribute set on the BatchNorms of modules trained in full
 
 
 def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
@@ -26,8 +34,26 @@ def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def mark_trained_in_full(model: nn.Module, names: list[str]) -> int:
+    """Tag every BatchNorm inside the modules ``names`` of ``model`` (the task's ``trained_in_full``: new heads,
+    decoders) so that ``set_train_mode`` lets them update their statistics; returns how many were tagged."""
+    tagged = 0
+    for name in names:
+        for module in batchnorm_modules(model.get_submodule(name)):
+            setattr(module, TRAINED_IN_FULL_TAG, True)
+            tagged += 1
+    return tagged
+
+
+def trained_in_full_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms ``mark_trained_in_full`` tagged (their statistics change in every run)."""
+    return [m for m in batchnorm_modules(model) if getattr(m, TRAINED_IN_FULL_TAG, False)]
+
+
 def set_train_mode(model: nn.Module, bn_stats: str) -> nn.Module:
-    """``model.train()``, then with ``bn_stats='frozen'`` every BatchNorm back in eval mode.
+    """``model.train()``, then with ``bn_stats='frozen'`` every pretrained BatchNorm back in eval mode.
+
+    BatchNorms tagged by ``mark_trained_in_full`` (a newly initialised decoder's) stay in train mode.
 
     In eval mode a BatchNorm normalises with its running statistics and leaves them as they are; its
     affine weight and bias still train when they require grad (full fine-tuning).
@@ -47,7 +73,8 @@ def set_train_mode(model: nn.Module, bn_stats: str) -> nn.Module:
     model.train()
     if bn_stats == "frozen":
         for module in batchnorm_modules(model):
-            module.eval()
+            if not getattr(module, TRAINED_IN_FULL_TAG, False):
+                module.eval()
     return model
 
 
@@ -69,7 +96,8 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_batchnorm_stats(model: nn.Module, directory: Path) -> Optional[Path]:
-    """Write the BatchNorm statistics training re-estimated (``bn_stats='update'``) beside the adapter.
+    """Write the BatchNorm statistics training re-estimated (``bn_stats='update'``, or a decoder's own) beside
+    the adapter.
 
     An adapter holds the trainable weights only; without this file a model rebuilt from the backbone
     and the adapter would normalise with the pretrained statistics, not the ones it was trained with.

@@ -92,3 +92,29 @@ def test_a_finished_run_rebuilds_with_the_statistics_it_was_trained_with(tmp_pat
     # the random-init backbone's statistics are torch's zeros: kept by 'frozen', replaced by 'update'
     moved = sum(bool(m.abs().max() > 1e-3) for m in means)
     assert moved == (0 if mode == "frozen" else 14)
+
+
+def test_frozen_leaves_the_batchnorms_of_a_new_decoder_updating_their_statistics():
+    """An smp UNet on a timm ResNet: the encoder's BatchNorms stay frozen, the newly initialised decoder's (trained in
+    full, running stats still the init's 0 / 1) estimate theirs from the batches."""
+    from snella.segmentation.models import build_segmentation_model
+    from snella.training.norm import batchnorm_modules, mark_trained_in_full, trained_in_full_batchnorms
+
+    torch.manual_seed(0)
+    spec = build_segmentation_model("resnet18", 1, decoder="unet")
+    model = spec.model
+    tagged = mark_trained_in_full(model, spec.modules_to_save)
+    decoder_bns = batchnorm_modules(model.get_submodule("model.decoder"))
+    encoder_bns = batchnorm_modules(model.get_submodule("model.encoder"))
+    assert tagged == len(decoder_bns) > 0 and len(encoder_bns) > 0
+    assert {id(m) for m in trained_in_full_batchnorms(model)} == {id(m) for m in decoder_bns}
+    set_train_mode(model, "frozen")
+    assert all(m.training for m in decoder_bns) and not any(m.training for m in encoder_bns)
+    encoder_before = encoder_bns[0].running_mean.clone()
+    assert torch.equal(decoder_bns[0].running_var, torch.ones_like(decoder_bns[0].running_var))  # the init's
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64) * 2 + 1)
+    assert torch.equal(encoder_bns[0].running_mean, encoder_before)  # pretrained statistics kept
+    assert not torch.equal(decoder_bns[0].running_var, torch.ones_like(decoder_bns[0].running_var))  # estimated
+    set_train_mode(model, "update")
+    assert all(m.training for m in encoder_bns)
