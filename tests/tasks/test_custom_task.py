@@ -102,7 +102,7 @@ def reference(tmp_path_factory):
 
 def test_the_task_is_registered_by_name():
     assert "test-regression" in task_names() and isinstance(get_task("test-regression"), Regression)
-    with pytest.raises(ValueError, match="task='nope' is invalid; accepted: classification, test-regression"):
+    with pytest.raises(ValueError, match="task='nope' is invalid; accepted: classification, segmentation, test-regression"):
         TrainConfig(task="nope")
 
 
