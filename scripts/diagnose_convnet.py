@@ -47,6 +47,7 @@ from snella.training.config import TrainConfig
 from snella.training.data import batches, epoch_order, num_batches
 from snella.training.evaluation import accuracy
 from snella.training.methods import SnellaMethod, get_method
+from snella.training.norm import set_train_mode
 from snella.training.optim import build_optimizer, build_scheduler, update_step
 
 BACKBONE = BACKBONES["effnet"]
@@ -109,11 +110,7 @@ def train(model, config, runner, data, bn_eval=False, grad_probe=None, probe_ste
                                 config.warmup_lr, config.min_lr)
     allocator = _allocator(config, runner, model, total, steps_per_epoch)
     step = 0
-    model.train()
-    if bn_eval:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    set_train_mode(model, "frozen" if bn_eval else "update")  # "update": the suite's mode when this was measured
     probes = []
     for epoch in range(config.epochs):
         for images, labels in batches(data, epoch_order(len(data), config.seed, epoch), config.batch_size):

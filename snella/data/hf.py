@@ -95,6 +95,23 @@ class HFImageDataset(LabeledDataset):
         return f"{self.source} [{self.split}] row {index}" + (f" ({path})" if path else "")
 
 
+def load_saved(path: str, what: str = "hf: sources"):
+    """``datasets.load_from_disk(path)``: a DatasetDict or a Dataset, with errors that say what is missing.
+
+    Raises:
+        ImportError: ``datasets`` is not installed (``what`` names the caller in the message).
+        FileNotFoundError: ``path`` holds no dataset saved with save_to_disk.
+    """
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(f"{what} need the `datasets` package: pip install 'snella[data]'") from error
+    try:
+        return datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path} is not a dataset saved with save_to_disk: {error}") from error
+
+
 def dict_parts(loaded: Any, path: str) -> dict[str, Any]:
     """The parts ("train", optional "val", "test") of a DatasetDict, by ``HF_SPLIT_NAMES``; it must have "train"."""
     parts = {}
@@ -117,14 +134,9 @@ def load_hf(path: str, split: str, transform: Callable | None, skip_bad_images: 
     named "image" or "img"); the label column the one ClassLabel (else "label" or "labels").
     Class names come from the ClassLabel, else are "0".."K-1".
     """
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("hf: sources need the `datasets` package: pip install 'snella[data]'") from error
-    try:
-        loaded = datasets.load_from_disk(path)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path} is not a dataset saved with save_to_disk: {error}") from error
+    loaded = load_saved(path)
+    import datasets  # imported by load_saved
+
     if isinstance(loaded, datasets.DatasetDict):
         parts = dict_parts(loaded, path)
     else:

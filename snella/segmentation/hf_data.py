@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from snella.data.checks import check_split
-from snella.data.hf import _decode, dict_parts
+from snella.data.hf import _decode, dict_parts, load_saved
 from snella.data.splits import choose_split
 from snella.segmentation.data import (BINARY_CLASSES, DEFAULT_IGNORE_INDEX, MaskError, SegmentationDataset,
                                       binary_mask, check_labels, check_same_size)
@@ -123,14 +123,9 @@ def load_hf_segmentation(path: str, split: str, transform: Callable | None = Non
     unless ``classes`` or ``num_classes`` are given; then they are label maps with ``ignore_index``.
     """
     check_split(split)
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("hf: segmentation sources need the `datasets` package: pip install 'snella[data]'") from error
-    try:
-        loaded = datasets.load_from_disk(path)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path} is not a dataset saved with save_to_disk: {error}") from error
+    loaded = load_saved(path, "hf: segmentation sources")
+    import datasets  # imported by load_saved
+
     if isinstance(loaded, datasets.DatasetDict):
         parts = dict_parts(loaded, path)
     else:
