@@ -6,10 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from support import merged_outputs_without_snella, torchrun_finetune
 from snella import cli
 from snella.train import NonFiniteLossError, finetune
 from snella.training.config import TrainConfig
@@ -180,26 +177,10 @@ def test_evaluate_predict_and_merge_on_a_finished_run(composites_run, tmp_path: 
     info = json.loads(output.with_suffix(".json").read_text())
     assert info["max_abs_logit_diff"] < 1e-4 and info["classes"][0] == "background"
     example = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(5))
-    torch.save(example, tmp_path / "x.pt")
     with torch.no_grad():
         adapted = load_run(out, "cpu").model(example)
-    load = info["load"].replace("JSON", repr(str(output.with_suffix(".json")))).replace("WEIGHTS", repr(str(output)))
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["snella"] = None  # as if snella were not installed
-        import torch
-        {load}
-        with torch.no_grad():
-            torch.save(model.eval()(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), adapted, atol=1e-4, rtol=1e-4)
-
-
-REPO = Path(__file__).resolve().parents[2]
+    torch.testing.assert_close(merged_outputs_without_snella(output, example, tmp_path), adapted, atol=1e-4,
+                               rtol=1e-4)
 
 
 @pytest.mark.slow  # two processes under torchrun: over 10 s
@@ -207,11 +188,7 @@ def test_two_cpu_processes_agree_on_a_segmentation_run(tmp_path: Path):
     out = tmp_path / "ddp"
     config = TrainConfig.for_task("segmentation", output_dir=str(out), **{**TINY, "epochs": 2})
     config_file = config.save_yaml(tmp_path / "ddp.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "snella", "finetune", "--config", str(config_file)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    torchrun_finetune(config_file, tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_agree"] is True and metrics["steps"] == 2 * 4
     first, second = metrics["rank_results"]

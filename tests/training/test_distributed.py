@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from support import torchrun_finetune
 from snella.training.config import TrainConfig
 from snella.training.distributed import gather_objects, pick_device, setup
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -36,11 +32,7 @@ def test_two_cpu_processes_agree_and_write_once(tmp_path: Path):
                          progress=False,
                          output_dir=str(out), device="cpu")
     config_file = config.save_yaml(tmp_path / "ddp.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "snella", "finetune", "--config", str(config_file)],
-                          capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    done = torchrun_finetune(config_file, tmp_path, timeout=400)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     # each rank trains 96 of the 192 images at 16 per step: 6 steps per epoch, as one process at 32
