@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 BENCH_HELP = ("Benchmarks: peak memory and step time per method (memory, speed), accuracy on a VTAB-style suite, "
-              "SNELLA's recipe choices on its val split (recipes).")
+              "SNELLA's recipe choices on its val split (recipes), segmentation (segmentation).")
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
 
 
@@ -73,6 +73,23 @@ def recipes(variants: Optional[Sequence[str]] = None, tasks: Optional[Sequence[s
     config = SuiteConfig(**overrides, workers=workers, output_dir=output_dir)
     return run_recipes(config, list(variants or VARIANTS), list(seeds), Path(suite_json) if suite_json else None,
                        command=command)
+
+
+def segmentation(quick: bool = False, benchmarks: Optional[Sequence[str]] = None,
+                 methods: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
+                 epochs: Optional[int] = None, train_limit: Optional[int] = None, test_limit: Optional[int] = None,
+                 workers: int = 2, output_dir: str = "bench/results", command: str = "") -> dict[str, Any]:
+    """Test mIoU / mDice of linear, full, LoRA-8, SNELL-8 and SNELLA-32 on the Fashion-MNIST composites (project
+    ViT) and the liver CT slices (EfficientNet-Lite0 + FPN): lr chosen on val, 3 seeds, with parameters, adapter
+    size, peak memory and time."""
+    from snella.bench.segmentation import SegBenchConfig, quick_config, run_benchmark
+
+    overrides = {k: v for k, v in dict(benchmarks=benchmarks, methods=methods, seeds=tuple(seeds) if seeds else None,
+                                       epochs=epochs, train_limit=train_limit, test_limit=test_limit).items()
+                 if v is not None}
+    overrides.update(workers=workers, output_dir=output_dir)
+    config = quick_config(**overrides) if quick else SegBenchConfig(**overrides)
+    return run_benchmark(config, command=command)
 
 
 # ---------------------------------------------------------------- arguments
@@ -149,11 +166,32 @@ def _add_recipes_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: bench/results)")
 
 
+def _add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
+    from snella.bench.segmentation import BENCHMARKS, METHODS
+
+    parser.add_argument("--quick", action="store_true", help="small splits, 2 epochs, 2 seeds: a few minutes")
+    parser.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"data sets (default: all: {', '.join(BENCHMARKS)})")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="NAME",
+                        help=f"methods (default: all: {', '.join(METHODS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds of the final runs (default: 0 1 2; --quick: 0 1)")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: each benchmark's own)")
+    parser.add_argument("--train-limit", type=int, metavar="N", help="training images per run (default: each "
+                        "benchmark's own)")
+    parser.add_argument("--test-limit", type=int, metavar="N", help="images scored per run (default: each "
+                        "benchmark's own)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one process and one thread each "
+                        "(default: 2)")
+    parser.add_argument("--output-dir", default="bench/results", help="where the CSV, markdown and JSON go "
+                        "(default: bench/results)")
+
+
 BENCH_COMMANDS = {
     "memory": (memory.__doc__, _add_memory_speed_arguments),
     "speed": (speed.__doc__, _add_speed_arguments),
     "accuracy": (accuracy.__doc__, _add_accuracy_arguments),
     "recipes": (recipes.__doc__, _add_recipes_arguments),
+    "segmentation": (segmentation.__doc__, _add_segmentation_arguments),
 }
 
 
@@ -177,6 +215,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # the same line from `snella bench` or `python -m`
+    if args.bench_command == "segmentation":
+        result = segmentation(args.quick, args.benchmarks, args.methods, args.seeds, args.epochs, args.train_limit,
+                              args.test_limit, args.workers, args.output_dir, command="snella bench " + shlex.join(argv))
+        print(result["files"][1].read_text())
+        return 0
     if args.bench_command == "recipes":
         result = recipes(args.variants, args.tasks, args.backbones, args.seeds, args.suite_json, args.epochs,
                          args.workers, args.output_dir, command="snella bench " + shlex.join(argv),
