@@ -48,11 +48,12 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
-            device: str = "auto") -> list[dict[str, Any]]:
+            device: str = "auto", output_dir: Optional[str] = None) -> list[dict[str, Any]]:
     """Top-k labels, with probabilities, of image files or folders of images (segmentation runs: mask PNGs).
 
-    A segmentation run writes one mask per image to <run>/predictions/<image stem>.png, at the image's own
-    size (class indices; binary masks as 0/255); --top-k does not apply there.
+    A segmentation run writes one mask per image to --output-dir (default <run>/predictions/) as
+    <image stem>.png, at the image's own size (class indices; binary masks as 0/255); --top-k does not apply
+    there.
 
     Any image is brought to the run's input as the run's eval transform (saved in its run.json) does:
     converted to the run's channels (grey copied to RGB, RGB to grey luma, an alpha channel dropped),
@@ -62,7 +63,7 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
     """
     from snella.training.tools import predict as run_predict
 
-    return run_predict(run, images, top_k, batch_size, precision, device)
+    return run_predict(run, images, top_k, batch_size, precision, device, output_dir)
 
 
 def merge(run: str, output: str) -> dict[str, Any]:
@@ -147,6 +148,8 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_argument(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     parser.add_argument("--top-k", type=int, default=5, help="labels shown per image (default: 5)")
+    parser.add_argument("--output-dir", metavar="DIR", help="segmentation runs: the folder the mask PNGs go to "
+                        "(created; default: <run>/predictions)")
     _add_common(parser)
 
 
@@ -196,7 +199,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> None:
-    results = predict(args.run, args.images, args.top_k, args.batch_size, args.precision, args.device)
+    results = predict(args.run, args.images, args.top_k, args.batch_size, args.precision, args.device,
+                      args.output_dir)
     if args.json:
         print(json.dumps(results))
         return

@@ -99,13 +99,17 @@ def plot_allocation(history: Sequence[dict[str, Any]], path: str | Path) -> Path
     return _save(fig, path)
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Training curves per epoch: loss; train (and val) accuracy; density if recorded.
+def plot_curves(records: Sequence[dict[str, Any]], path: str | Path, train_key: str = "train_acc",
+                val_key: str = "val_acc", title: str = "accuracy",
+                labels: tuple[str, str] = ("train", "val")) -> Path:
+    """Training curves per epoch: loss; the train (and val) metric; density if recorded.
 
     Args:
-        records: one dict per epoch with "epoch", "train_loss", "train_acc", and optionally
-            "val_acc" and "density".
+        records: one dict per epoch with "epoch", "train_loss", ``train_key``, and optionally
+            ``val_key`` and "density".
         path: where to write the PNG; parent folders are created.
+        train_key, val_key, title, labels: the metric's keys in the records, its panel's title and the
+            two lines' labels (segmentation: "train_pixel_acc", "val_miou").
 
     Returns:
         The path written.
@@ -113,9 +117,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     if not records:
         raise ValueError("records is empty: nothing to plot (need one dict per epoch)")
     for i, record in enumerate(records):
-        missing = [k for k in ("epoch", "train_loss", "train_acc") if k not in record]
+        missing = [k for k in ("epoch", "train_loss", train_key) if k not in record]
         if missing:
-            raise ValueError(f"records[{i}] lacks {missing}; each record needs 'epoch', 'train_loss', 'train_acc'")
+            raise ValueError(f"records[{i}] lacks {missing}; each record needs 'epoch', 'train_loss', {train_key!r}")
     epochs = [r["epoch"] for r in records]
     has_density = any(r.get("density") is not None for r in records)
     fig = Figure(figsize=(12.0 if has_density else 8.5, 3.5))
@@ -123,11 +127,11 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     axes[0].plot(epochs, [r["train_loss"] for r in records], marker="o", markersize=3)
     axes[0].set_title("train loss")
-    axes[1].plot(epochs, [r["train_acc"] for r in records], marker="o", markersize=3, label="train")
-    val = [(r["epoch"], r["val_acc"]) for r in records if r.get("val_acc") is not None]
+    axes[1].plot(epochs, [r[train_key] for r in records], marker="o", markersize=3, label=labels[0])
+    val = [(r["epoch"], r[val_key]) for r in records if r.get(val_key) is not None]
     if val:
-        axes[1].plot(*zip(*val), marker="s", markersize=3, label="val")
-    axes[1].set_title("accuracy")
+        axes[1].plot(*zip(*val), marker="s", markersize=3, label=labels[1])
+    axes[1].set_title(title)
     axes[1].legend()
     if has_density:
         dens = [(r["epoch"], r["density"]) for r in records if r.get("density") is not None]

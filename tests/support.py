@@ -41,9 +41,10 @@ def torchrun_finetune(config_file: Path, cwd: Path, timeout: int = 600) -> subpr
     return done
 
 
-def merged_outputs_without_snella(weights: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def merged_outputs_without_snella(weights: Path, x: torch.Tensor, tmp_path: Path, call: str = "model(X)") -> torch.Tensor:
     """The outputs on ``x`` of a `snella merge` file loaded by its JSON's own "load" line, in a fresh Python in
-    which snella cannot be imported (as a user without snella would)."""
+    which snella cannot be imported (as a user without snella would); ``call`` computes them from ``model`` (in
+    eval mode) and ``X`` (e.g. ``"model(pixel_values=X).logits"`` for a transformers model)."""
     info = json.loads(weights.with_suffix(".json").read_text())
     torch.save(x, tmp_path / "x.pt")
     load = info["load"].replace("JSON", repr(str(weights.with_suffix(".json")))).replace("WEIGHTS", repr(str(weights)))
@@ -53,10 +54,35 @@ def merged_outputs_without_snella(weights: Path, x: torch.Tensor, tmp_path: Path
         import torch
         {load}
         with torch.no_grad():
-            torch.save(model.eval()(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+            model.eval()
+            X = torch.load({str(tmp_path / 'x.pt')!r})
+            torch.save({call}, {str(tmp_path / 'y.pt')!r})
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(tmp_path / "y.pt")
+
+
+def square_mask_folder(root: Path, bad: str = "", side: int = 28) -> Path:
+    """train/ and test/ sub-splits of images/ + masks/ (the Kvasir-SEG layout): a bright square on noise, its mask
+    0/255. ``bad="size"``: the 4th training mask is cut to 20 rows."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 80, (side, side, 3), dtype=np.uint8)
+            mask = np.zeros((side, side), np.uint8)
+            top, left = rng.integers(0, side // 2, 2)
+            image[top:top + side * 3 // 7, left:left + side * 3 // 7] = 220
+            mask[top:top + side * 3 // 7, left:left + side * 3 // 7] = 255
+            Image.fromarray(image).save(root / split / "images" / f"{i:02d}.png")
+            if bad == "size" and split == "train" and i == 3:
+                mask = mask[:20]
+            Image.fromarray(mask).save(root / split / "masks" / f"{i:02d}.png")
+    return root

@@ -149,9 +149,12 @@ class Task:
         """`snella evaluate`: the metrics of a finished run on a split of ``data`` (default: its own)."""
         raise NotImplementedError(f"task {self.name!r} has no `snella evaluate`")
 
+    writes_predictions = False  # whether `predict` writes files (then it takes ``output_dir=``)
+
     def predict(self, run: Run, files: list[Path], top_k: int, batch_size: int,
                 precision: str) -> list[dict[str, Any]]:
-        """`snella predict`: one result per image file (labels, or mask files written)."""
+        """`snella predict`: one result per image file (labels, or mask files written; a task that writes files
+        sets ``writes_predictions`` and takes ``output_dir: Optional[Path]`` as a keyword)."""
         raise NotImplementedError(f"task {self.name!r} has no `snella predict`")
 
     def export(self, run: Run, output: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from snella.training.evaluation import autocast
 from snella.training.runs import Run, merged_model
 
 OVERLAYS_PLOT = "overlays.png"
+CURVES_PLOT = "curves.png"  # as classification's: loss, train pixel accuracy and val mIoU per epoch
 OVERLAY_IMAGES = 4
 PREDICTIONS_DIR = "predictions"  # `snella predict` writes its mask PNGs here, in the run folder
 BINARY_MEASURES = (("mae", "MAE"), ("s_measure", "S-measure"), ("e_measure_mean", "E-measure"),
@@ -154,16 +155,19 @@ class SegmentationTask(Task):
 
     def write_pictures(self, out: Path, history: list[dict[str, Any]], model: nn.Module, data: TaskData,
                        device: torch.device, precision: str) -> list[Path]:
+        from snella.plots import plot_curves
         from snella.segmentation.plots import plot_overlays
 
+        written = [plot_curves(history, out / CURVES_PLOT, "train_pixel_acc", "val_miou", "pixel accuracy / mIoU",
+                               ("train pixel accuracy", "val mIoU"))] if history else []
         test = data.test
         count = min(OVERLAY_IMAGES, len(test))
         logits = _logits(model, test.images[:count], device, precision)
         labels = predictions(logits)
         if test.binary:  # a binary prediction's foreground is label 1, as in the masks
             labels = labels.clamp_max(1)
-        return [plot_overlays(test.unnormalised(count).numpy(), test.labels[:count].numpy(), labels.numpy(),
-                              out / OVERLAYS_PLOT, test.classes, test.ignore_index)]
+        return written + [plot_overlays(test.unnormalised(count).numpy(), test.labels[:count].numpy(),
+                                        labels.numpy(), out / OVERLAYS_PLOT, test.classes, test.ignore_index)]
 
     # ---------------------------------------------------------------- the run tools
     def evaluate_run(self, run: Run, data: Optional[str], split: str, batch_size: int, precision: str,
@@ -180,12 +184,17 @@ class SegmentationTask(Task):
         result = self.evaluate(run.model, dataset, batch_size, run.device, precision)
         return {**result, "data": source, "split": split, "run": str(run.directory)}
 
+    writes_predictions = True
+
     def predict(self, run: Run, files: list[Path], top_k: int, batch_size: int,
-                precision: str) -> list[dict[str, Any]]:
-        """A mask PNG per image in ``<run>/predictions/`` (the image's size: label indices, binary 0/255)."""
+                precision: str, output_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+        """A mask PNG per image in ``output_dir`` (default ``<run>/predictions/``; the image's size: label
+        indices, binary 0/255)."""
         spec, binary = run.info["input"], run.info["binary"]
-        folder = run.directory / PREDICTIONS_DIR
-        folder.mkdir(exist_ok=True)
+        folder = Path(output_dir) if output_dir is not None else run.directory / PREDICTIONS_DIR
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output_dir={str(folder)!r} is a file; accepted: a folder (created if missing)")
+        folder.mkdir(parents=True, exist_ok=True)
         mean, std = torch.tensor(spec["mean"]).view(-1, 1, 1), torch.tensor(spec["std"]).view(-1, 1, 1)
         results, used = [], set()
         for path in files:

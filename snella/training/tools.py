@@ -30,7 +30,7 @@ def evaluate(run: str, data: Optional[str] = None, split: str = "test", batch_si
 
 
 def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, precision: str = "fp32",
-            device: str = "auto") -> list[dict[str, Any]]:
+            device: str = "auto", output_dir: Optional[str] = None) -> list[dict[str, Any]]:
     """The run's task's prediction for each image (classification: the ``top_k`` most likely labels).
 
     Every image, of any size and mode, goes through the run's eval transform with ``fit_size``: to the
@@ -40,6 +40,8 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
         run: the run's output folder.
         images: image files and/or folders (searched recursively).
         top_k: labels per image (at most the number of classes).
+        output_dir: where a task that writes files (segmentation: mask PNGs) writes them; None: its default
+            (``<run>/predictions``). Refused for classification, which writes nothing.
 
     Returns:
         classification: one {"file", "top": [{"label", "index", "probability"}, ...]} per image, most likely first.
@@ -51,7 +53,13 @@ def predict(run: str, images: list[str], top_k: int = 5, batch_size: int = 256, 
     if top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid; accepted: a positive integer")
     loaded = load_run(run, device)
-    return loaded.task.predict(loaded, find_images(images), top_k, batch_size, precision)
+    if output_dir is not None and not loaded.task.writes_predictions:
+        raise ValueError(f"output_dir={output_dir!r} is not read for a {loaded.task.name} run: its predictions are "
+                         "printed, not written; accepted: no output_dir")
+    files = find_images(images)
+    if output_dir is None:
+        return loaded.task.predict(loaded, files, top_k, batch_size, precision)
+    return loaded.task.predict(loaded, files, top_k, batch_size, precision, output_dir=Path(output_dir))
 
 
 def merge(run: str, output: str) -> dict[str, Any]:

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from support import merged_outputs_without_snella, torchrun_finetune
+from support import merged_outputs_without_snella, square_mask_folder, torchrun_finetune
 from snella import cli
 from snella.train import NonFiniteLossError, finetune
 from snella.training.config import TrainConfig
 
 TINY = dict(model="vit_fmnist_d128", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, train_limit=64,
-            test_limit=16, epochs=3, batch_size=16, warmup_epochs=1, lr=1e-2, progress=False, device="cpu")
+            test_limit=16, epochs=3, batch_size=16, warmup_epochs=1, lr=1e-2, progress=False, device="cpu",
+            transform="flip-crop")  # the crops drawn from the run's generator: resume must replay them
 METRIC_KEYS = ("test_miou", "test_mdice", "test_pixel_accuracy")
 BINARY_KEYS = ("test_mae", "test_s_measure", "test_e_measure_mean", "test_weighted_f")
 
@@ -42,7 +43,7 @@ def composites_run(tmp_path_factory):
 def test_the_task_defaults_are_the_embedded_composites():
     config = TrainConfig.for_task("segmentation")
     assert (config.data, config.model, config.transform, config.random_shift) == (
-        "fmnist-composites", "snella-default", "flip-crop", 0)
+        "fmnist-composites", "snella-default", "resize", 0)
     parsed = cli.config_from_args(cli.build_parser("finetune").parse_args(["finetune", "--task", "segmentation",
                                                                             "--epochs", "1"]))
     assert parsed.data == "fmnist-composites" and parsed.epochs == 1  # task defaults under the flags
@@ -101,27 +102,8 @@ def test_a_segmentation_run_stopped_and_resumed_equals_the_uninterrupted_one(com
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def make_folder(root: Path, bad: str = "") -> Path:
-    """train/ and test/ sub-splits of images/ + masks/: a bright square on noise, its mask 0/255."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("test", 4)):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        for i in range(count):
-            image = rng.integers(0, 80, (28, 28, 3), dtype=np.uint8)
-            mask = np.zeros((28, 28), np.uint8)
-            top, left = rng.integers(0, 14, 2)
-            image[top:top + 12, left:left + 12] = 220
-            mask[top:top + 12, left:left + 12] = 255
-            Image.fromarray(image).save(root / split / "images" / f"{i:02d}.png")
-            if bad == "size" and split == "train" and i == 3:
-                mask = mask[:20]
-            Image.fromarray(mask).save(root / split / "masks" / f"{i:02d}.png")
-    return root
-
-
 def test_an_image_mask_folder_trains_one_epoch_with_the_binary_measures(tmp_path: Path):
-    folder = make_folder(tmp_path / "squares")
+    folder = square_mask_folder(tmp_path / "squares")
     settings = {**TINY, "epochs": 1, "train_limit": None, "test_limit": None, "batch_size": 4, "warmup_epochs": 0,
                 "image_size": 28}  # files default to 224 px inputs
     metrics, _ = run(TrainConfig.for_task("segmentation", data=f"seg:{folder}", output_dir=str(tmp_path / "run"),
@@ -135,7 +117,7 @@ def test_an_image_mask_folder_trains_one_epoch_with_the_binary_measures(tmp_path
 
 
 def test_a_bad_mask_is_refused_through_the_cli_naming_the_file(tmp_path: Path, capsys):
-    folder = make_folder(tmp_path / "bad", bad="size")
+    folder = square_mask_folder(tmp_path / "bad", bad="size")
     code = cli.main(["finetune", "--task", "segmentation", "--data", f"seg:{folder}", "--model", "vit_fmnist_d128",
                      "--model-kwargs", "depth=1,embed_dim=16,num_heads=2", "--epochs", "1", "--no-progress",
                      "--output-dir", str(tmp_path / "run")])
