@@ -76,3 +76,12 @@ def test_plot_curves_rejects_bad_records(tmp_path):
         plot_curves([], tmp_path / "c.png")
     with pytest.raises(ValueError, match="train_acc"):
         plot_curves([{"epoch": 0, "train_loss": 1.0}], tmp_path / "c.png")
+
+
+def test_plot_curves_reads_the_metric_keys_it_is_given(tmp_path):
+    records = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_pixel_acc": 0.8 + 0.01 * e, "val_miou": 0.1 * e}
+               for e in range(1, 4)]
+    path = plot_curves(records, tmp_path / "seg.png", "train_pixel_acc", "val_miou", "pixel accuracy / mIoU")
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="train_pixel_acc"):
+        plot_curves([{"epoch": 0, "train_loss": 1.0, "train_acc": 0.5}], tmp_path / "c.png", "train_pixel_acc")

@@ -82,6 +82,7 @@ def test_a_tiny_vit_learns_composites_and_writes_metrics_and_overlays(composites
     # the pixel accuracy is the background IoU's numerator over all pixels: never below the IoU of background
     assert saved["test_pixel_accuracy"] >= saved["test_iou"]["background"]
     assert (out / "overlays.png").stat().st_size > 5000 and Image.open(out / "overlays.png").size[1] > 400
+    assert Image.open(out / "curves.png").size[0] > 800  # loss, pixel accuracy, density: three panels
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.startswith("decode_head.") for k in adapter) and any("snella_A" in k for k in adapter)
     assert f"test mIoU         {100 * metrics['test_miou']:.2f}%" in printed
