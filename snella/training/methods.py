@@ -144,6 +144,29 @@ class SnellaMethod(Method):
         return model.targets_summary()
 
 
+def lora_targets(model: nn.Module, targets: list[str], r: int, chosen_by_user: bool) -> list[str]:
+    """``targets`` less the grouped convs peft's LoRA cannot adapt at rank ``r`` (it needs r divisible by the
+    conv's groups: a depthwise conv of 32 channels at r=8 is refused). Default targets lose them with a printed
+    note; targets the user named raise, naming them.
+    """
+    grouped = [n for n in targets if isinstance(model.get_submodule(n), nn.Conv2d)
+               and model.get_submodule(n).groups > 1 and r % model.get_submodule(n).groups]
+    if not grouped:
+        return targets
+    listing = describe_targets(grouped)
+    if chosen_by_user:
+        raise ValueError(f"target_modules match {len(grouped)} grouped convs peft's LoRA cannot adapt at r={r} (the "
+                         f"rank must be divisible by the groups): {listing}; accepted: exclude them (--exclude-modules) "
+                         "or a rank divisible by their groups")
+    print(f"lora: not adapting {len(grouped)} grouped (depthwise) convs of the default targets, as peft's LoRA "
+          f"needs r={r} divisible by their groups: {listing}")
+    kept = [n for n in targets if n not in grouped]
+    if not kept:
+        raise ValueError(f"every default target is a grouped conv peft's LoRA cannot adapt at r={r}: {listing}; "
+                         "pass --target-modules")
+    return kept
+
+
 class LoraMethod(Method):
     """peft's LoRA at rank r (alpha = r) on the same modules SNELLA adapts, plus the head and class token."""
 
@@ -152,7 +175,8 @@ class LoraMethod(Method):
     def apply(self, config: TrainConfig, backbone: nn.Module, trained_in_full: Optional[list[str]] = None) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        targets = resolve_targets(backbone, config.target_modules, config.exclude_modules)
+        targets = lora_targets(backbone, resolve_targets(backbone, config.target_modules, config.exclude_modules),
+                               config.r, chosen_by_user=config.target_modules is not None)
         heads = _in_full(config, backbone, trained_in_full)
         tokens = trained_parameters(config, backbone) or []
         lora = LoraConfig(r=config.r, lora_alpha=config.r, target_modules=targets, modules_to_save=heads,

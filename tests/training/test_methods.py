@@ -128,3 +128,18 @@ BLOCKS = "blocks.{0,1}.attn.{qkv,proj}, blocks.{0,1}.mlp.{fc1,fc2}"
 def test_targets_summary_names_the_adapted_modules(name: str, line: str):
     method = get_method(name)
     assert method.targets_summary(method.apply(config(name), backbone())) == line
+
+
+def test_lora_leaves_out_the_depthwise_convs_peft_cannot_adapt_and_says_so(capsys):
+    from torch import nn
+
+    from snella.training.methods import lora_targets
+
+    model = nn.ModuleDict({"dw": nn.Conv2d(32, 32, 3, groups=32), "pw": nn.Conv2d(32, 16, 1),
+                           "g4": nn.Conv2d(16, 16, 3, groups=4), "fc": nn.Linear(4, 4)})
+    assert lora_targets(model, ["dw", "pw", "g4", "fc"], 8, chosen_by_user=False) == ["pw", "g4", "fc"]
+    assert "not adapting 1 grouped (depthwise) convs" in capsys.readouterr().out  # groups=4 divides r=8: kept
+    with pytest.raises(ValueError, match=r"match 1 grouped convs peft's LoRA cannot adapt at r=8 .*dw"):
+        lora_targets(model, ["dw", "pw"], 8, chosen_by_user=True)
+    with pytest.raises(ValueError, match="every default target is a grouped conv"):
+        lora_targets(model, ["dw"], 8, chosen_by_user=False)
