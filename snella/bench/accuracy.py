@@ -540,12 +540,17 @@ def edge_choices(chosen: dict[tuple[str, str, str], float],
 
 def result_tag(config: SuiteConfig) -> str:
     """'accuracy[-quick]-<hardware>-torch<v>-timm<v>': the stem of the files the suite writes."""
+    return results_stem("accuracy", config.tag)
+
+
+def results_stem(kind: str, tag: str = "") -> str:
+    """'<kind>[-<tag>]-<hardware>-torch<v>-timm<v>': the stem of a benchmark's result files."""
     import timm
     import torch
 
     from snella.bench.memory_speed import hardware_tag
 
-    prefix = "accuracy" + (f"-{config.tag}" if config.tag else "")
+    prefix = kind + (f"-{tag}" if tag else "")
     return f"{prefix}-{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from snella.bench.accuracy import (GROUPS, METHODS, Job, SuiteConfig, load_suite, result_tag, run_jobs,
+from snella.bench.accuracy import (GROUPS, METHODS, Job, SuiteConfig, load_suite, results_stem, run_jobs,
                                    write_csv)
 
 METHOD = "snella-32"
@@ -138,7 +138,7 @@ def run_recipes(config: SuiteConfig, variants: Sequence[str], seeds: Sequence[in
     rows = run_jobs(jobs, config.workers, log)
     summaries = summarise_variants(rows)
     wall = time.perf_counter() - start
-    out, tag = Path(config.output_dir), result_tag(config).replace("accuracy", "recipes", 1)
+    out, tag = Path(config.output_dir), results_stem("recipes", config.tag)
     csv_path = write_csv(rows, out / f"{tag}.csv")
     header = [f"Command: `{command or 'snella bench recipes'}` ({wall / 60:.1f} min wall, {config.workers} workers). "
               f"SNELLA-32 variants trained on train, scored on **val** (test never read), seeds {list(seeds)}, "

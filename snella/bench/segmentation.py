@@ -19,12 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from snella.bench.accuracy import write_csv
+from snella.bench.accuracy import results_stem, write_csv
 
 
 @dataclass(frozen=True)
@@ -175,18 +175,12 @@ def run_jobs(jobs: Sequence[SegJob], config: SegBenchConfig, log: Callable[[str]
     order = sorted(range(len(jobs)), key=lambda i: -weight[jobs[i].method])  # the long ones first
     with ThreadPoolExecutor(config.workers) as pool:
         futures = {pool.submit(run_job, jobs[i], config): i for i in order}
-        for count, future in enumerate(_as_done(futures), 1):
+        for count, future in enumerate(as_completed(futures), 1):
             i = futures[future]
             row = rows[i] = future.result()
             log(f"[{count}/{len(jobs)}] {row['benchmark']} {row['method']} lr={row['lr']:g} seed={row['seed']} "
                 f"{row['phase']}: {row['score_split']} mIoU {100 * row['miou']:.1f}% ({row['wall_seconds']:.0f}s)")
     return [r for r in rows if r is not None]
-
-
-def _as_done(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 def choose_lrs(sweep_rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -261,13 +255,8 @@ def edge_choices(chosen: dict[tuple[str, str], float], config: SegBenchConfig) -
 
 
 def result_tag(config: SegBenchConfig) -> str:
-    import timm
-    import torch
-
-    from snella.bench.memory_speed import hardware_tag
-
-    prefix = "segmentation" + (f"-{config.tag}" if config.tag else "")
-    return f"{prefix}-{hardware_tag()}-torch{torch.__version__.split('+')[0]}-timm{timm.__version__}"
+    """'segmentation[-quick]-<hardware>-torch<v>-timm<v>': the stem of the files the benchmark writes."""
+    return results_stem("segmentation", config.tag)
 
 
 def run_benchmark(config: SegBenchConfig, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:

@@ -149,8 +149,8 @@ def lora_targets(model: nn.Module, targets: list[str], r: int, chosen_by_user: b
     conv's groups: a depthwise conv of 32 channels at r=8 is refused). Default targets lose them with a printed
     note; targets the user named raise, naming them.
     """
-    grouped = [n for n in targets if isinstance(model.get_submodule(n), nn.Conv2d)
-               and model.get_submodule(n).groups > 1 and r % model.get_submodule(n).groups]
+    modules = {n: model.get_submodule(n) for n in targets}
+    grouped = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups > 1 and r % m.groups]
     if not grouped:
         return targets
     listing = describe_targets(grouped)
