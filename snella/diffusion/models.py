@@ -177,24 +177,57 @@ class Denoiser(nn.Module):
 
 
 def _fit_class_embeddings(net: nn.Module, num_classes: int) -> None:
-    """Give a class-conditional network ``num_classes`` labels: a UNet2DModel whose count differs gets a new
-    embedding (its config updated, so a saved folder loads); a DiT must have at least as many (it uses the first)."""
+    """Give a class-conditional network ``num_classes`` labels: a UNet2DModel whose count differs gets a resized
+    embedding (its config updated, so a saved folder loads); a DiT must have at least as many (it uses the first).
+
+    A resized embedding keeps the pretrained rows it has room for and starts new rows at their mean, as
+    transformers' ``resize_token_embeddings`` does: a new class token starts as "some pretrained class".
+    """
     kind = type(net).__name__
     if kind == "UNet2DModel":
         current = net.class_embedding
         if not isinstance(current, nn.Embedding):
             raise ValueError(f"UNet2DModel class_embed_type={net.config.class_embed_type!r} takes no class indices; "
                              "accepted: a UNet2DModel with num_class_embeds")
-        if current.num_embeddings != num_classes:
-            print(f"UNet2DModel: {current.num_embeddings} class embeddings, the data has {num_classes} classes: "
-                  f"a new class embedding of {num_classes} rows (trained in full)")
-            net.class_embedding = nn.Embedding(num_classes, current.embedding_dim)
+        old = current.num_embeddings
+        if old != num_classes:
+            print(f"UNet2DModel: {old} class embeddings, the run needs {num_classes}: the embedding resized "
+                  f"(rows kept: {min(old, num_classes)}, new rows at the mean of the pretrained ones)")
+            resized = nn.Embedding(num_classes, current.embedding_dim)
+            with torch.no_grad():
+                kept = min(old, num_classes)
+                resized.weight[:kept] = current.weight[:kept]
+                resized.weight[kept:] = current.weight.mean(0)
+            net.class_embedding = resized
             net.register_to_config(num_class_embeds=num_classes)
         return
     available = net.config.num_embeds_ada_norm
     if available is None or available < num_classes:
-        raise ValueError(f"{kind} has num_embeds_ada_norm={available} class labels, the data has {num_classes} "
-                         "classes; accepted: a network with at least as many")
+        raise ValueError(f"{kind} has num_embeds_ada_norm={available} class labels, the run needs {num_classes}; "
+                         "accepted: a network with at least as many")
+
+
+def pretrained_classes(net: nn.Module) -> Optional[int]:
+    """How many class labels a class-conditional network was trained with (None for other conditionings): where
+    the few-image mode's new class token goes."""
+    if conditioning_of(net) != "class":
+        return None
+    if type(net).__name__ == "UNet2DModel":
+        return net.class_embedding.num_embeddings
+    return net.config.num_embeds_ada_norm
+
+
+def encode_prompts(folder: Path, prompts: list[str]) -> torch.Tensor:
+    """Fixed cross-attention states (K, L, D) of ``prompts`` from a pipeline's ``text_encoder/`` and ``tokenizer/``
+    (transformers; padded to the tokenizer's max length, as Stable Diffusion does)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder.parent / "tokenizer"))
+    encoder = AutoModel.from_pretrained(str(folder)).eval()
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        return encoder(input_ids=tokens.input_ids).last_hidden_state.float()  # (K, L, D)
 
 
 def _side(sample_size: Any) -> int:
