@@ -27,6 +27,7 @@ from snella.diffusion.classifier import CLASSIFIER_FILE, DigitClassifier
 from snella.diffusion.models import (EMBEDDED_DIR, FMNIST_SCHEDULER_CONFIG, FMNIST_UNET_CONFIG, build_embedded_unet,
                                      build_scheduler)
 from snella.diffusion.objective import noisy_and_target, sample_timesteps
+from snella.data.augment import random_shift
 from snella.pretrain import param_groups, warmup_cosine
 
 # The UNet's recipe: chosen to fit ~15 minutes of 2 CPU cores (0.45 s per step at batch 64).
@@ -129,16 +130,6 @@ def pretrain_unet(output: Path = EMBEDDED_DIR, steps: int = UNET_STEPS, batch_si
     return summary
 
 
-def shift_batch(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image (B, 1, H, W) by up to ``pad`` pixels, filling with the background (-1)."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    return padded[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)  # (B, 1, H, W)
-
-
 def pretrain_classifier(output: Path = CLASSIFIER_FILE, epochs: int = CLASSIFIER_EPOCHS, seed: int = 0,
                         limit: int | None = None) -> dict[str, Any]:
     """Train the scoring classifier on mnist5k's training split and write its weights and a .json beside them."""
@@ -161,7 +152,7 @@ def pretrain_classifier(output: Path = CLASSIFIER_FILE, epochs: int = CLASSIFIER
         order = torch.randperm(len(train_x), generator=generator)
         for i in range(0, len(order), CLASSIFIER_BATCH):
             index = order[i:i + CLASSIFIER_BATCH]
-            x = shift_batch(train_x[index], CLASSIFIER_SHIFT, generator)
+            x = random_shift(train_x[index], CLASSIFIER_SHIFT, generator)
             loss = F.cross_entropy(model(x), train_y[index].long())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
